@@ -1,0 +1,124 @@
+"""`curate` command line. Library code never sees argparse objects: flags become a RunConfig."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Sequence
+
+from pipeline.config import ConfigError, RunConfig, load_config
+from pipeline.run import PHASES, RunReport, run
+
+log = logging.getLogger("curate")
+
+EPILOG = """\
+Any flag curate does not know is passed to Beam's PipelineOptions, e.g.
+  --direct_num_workers=4 --direct_running_mode=multi_processing   (local, default)
+  --runner=DataflowRunner --project=P --region=R --temp_location=gs://B/tmp
+  --runner=FlinkRunner --flink_master=HOST:8081 --environment_type=DOCKER
+  --runner=SparkRunner --spark_master_url=spark://HOST:7077
+See docs/runners.md. Outputs are described in docs/outputs.md.
+"""
+
+
+def demo_dir() -> Path:
+    return Path(str(resources.files("manifests") / "demo"))
+
+
+def _resolve(path: str, base: Path) -> str:
+    if "://" in path or os.path.isabs(path):
+        return path
+    return str((base / path).resolve())
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """Config file (relative paths resolved against its folder), then CLI overrides."""
+    base = Path(args.config).resolve().parent if args.config and "://" not in args.config else Path.cwd()
+    cfg = load_config(args.config)
+    manifests = tuple(_resolve(m, base) for m in cfg.manifests)
+    policy = _resolve(cfg.policy, base) if cfg.policy else None
+    if args.manifest:
+        manifests = tuple(_resolve(m, Path.cwd()) for m in args.manifest)
+    if args.policy:
+        policy = _resolve(args.policy, Path.cwd())
+    out = args.out or cfg.out
+    out = _resolve(out, Path.cwd()) if args.out else (_resolve(out, base) if args.config else _resolve(out, Path.cwd()))
+    from dataclasses import replace
+
+    return replace(cfg, manifests=manifests, policy=policy, out=out)
+
+
+def format_report(report: RunReport) -> str:
+    s = report.summary
+    lines = [
+        f"outputs: {report.out}",
+        f"  ledger:   {report.out}/ledger/   (one row per manifest row)",
+        f"  curated:  {report.out}/curated/  (webdataset tar + metadata Parquet)",
+        f"  run.json: {report.out}/run.json",
+        "",
+        "phases: " + ", ".join(f"{p.name} ({'skipped, already complete' if p.skipped else f'{p.seconds:.1f}s'})"
+                               for p in report.phases),
+        f"rows in: {s.rows_in}   kept: {s.kept}   rejected: {s.rejected}   (invariant holds)",
+        "",
+        f"{'stage/reason':<40} {'rows':>6}",
+    ]
+    for name, count in sorted(s.by_stage_reason.items(), key=lambda kv: (-kv[1], kv[0])):
+        lines.append(f"{name:<40} {count:>6}")
+    stage_counts = {k: v for k, v in report.counters.items() if k.endswith("/in") or k.endswith("/kept")}
+    if stage_counts:
+        lines += ["", "stage counters:"] + [f"  {k:<38} {v:>6}" for k, v in stage_counts.items()]
+    return "\n".join(lines)
+
+
+def _add_run_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="run config YAML (any fsspec URL); built-in defaults without it")
+    parser.add_argument("--manifest", action="append", help="manifest URL (repeatable); overrides the config")
+    parser.add_argument("--policy", help="license policy YAML; overrides the config")
+    parser.add_argument("--out", help="output folder or URL; overrides the config")
+    parser.add_argument("--until", choices=PHASES, default=PHASES[-1], help="last phase to run")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="curate", description="Licensed image-text corpus -> curated store -> CM3 token shards.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="run every phase on the bundled demo corpus",
+                          epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    demo.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")
+    demo.add_argument("--until", choices=PHASES, default=PHASES[-1], help="last phase to run")
+    demo.add_argument("-v", "--verbose", action="store_true")
+    run_p = sub.add_parser("run", help="run the pipeline on manifests",
+                           epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_run_flags(run_p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args, beam_flags = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("apache_beam", "urllib3", "fsspec"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if args.verbose else logging.ERROR)
+    try:
+        if args.command == "demo":
+            args.config = str(demo_dir() / "demo.yaml")
+            args.manifest = None
+            args.policy = None
+        cfg = config_from_args(args)
+        report = run(cfg, until=args.until, beam_flags=beam_flags)
+    except ConfigError as exc:
+        print(f"curate: configuration error: {exc}", file=sys.stderr)
+        return 2
+    print(format_report(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

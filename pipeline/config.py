@@ -1,0 +1,206 @@
+"""Run configuration: frozen dataclasses loaded from one YAML file.
+
+Unknown keys are errors (a typo must not silently fall back to a default), every
+section validates itself when built, and the resolved config is saved with the run's
+outputs (`run.json`) and hashed to decide whether a phase can be skipped on resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import fsspec
+import yaml
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the offending key."""
+
+
+@dataclass(frozen=True)
+class ValidateConfig:
+    """Caption filters applied right after a row is parsed."""
+
+    max_caption_chars: int = 1000
+    min_caption_chars: int = 3
+    min_letter_fraction: float = 0.5  # a caption must be mostly letters/spaces to count as text
+    max_captions: int = 16
+
+    def __post_init__(self) -> None:
+        if self.max_caption_chars < self.min_caption_chars or self.min_caption_chars < 1:
+            raise ConfigError("validate: need 1 <= min_caption_chars <= max_caption_chars")
+        if not 0.0 <= self.min_letter_fraction <= 1.0:
+            raise ConfigError("validate.min_letter_fraction must be in [0, 1]")
+        if self.max_captions < 1:
+            raise ConfigError("validate.max_captions must be >= 1")
+
+
+@dataclass(frozen=True)
+class FetchConfig:
+    """Where bytes may come from and how hard to try.
+
+    `allowed_roots` are URL prefixes; when empty, each manifest's own folder is the only
+    root, so a relative `uri` cannot escape it with `../`.
+    """
+
+    allowed_roots: tuple[str, ...] = ()
+    allowed_schemes: tuple[str, ...] = ("file", "memory", "s3", "gs", "gcs", "az", "abfs", "http", "https")
+    retries: int = 3
+    backoff_s: float = 0.5
+    max_backoff_s: float = 8.0
+    max_bytes: int = 64 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        if self.retries < 0 or self.retries > 20:
+            raise ConfigError("fetch.retries must be in [0, 20]")
+        if self.backoff_s < 0 or self.max_backoff_s < self.backoff_s:
+            raise ConfigError("fetch: need 0 <= backoff_s <= max_backoff_s")
+        if self.max_bytes <= 0:
+            raise ConfigError("fetch.max_bytes must be positive")
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Safe decode limits, content filters and the normalised output resolution."""
+
+    max_pixels: int = 64_000_000
+    min_side: int = 128
+    max_aspect_ratio: float = 3.0
+    resolution: int = 256
+    jpeg_quality: int = 95
+    use_draft: bool = True
+    check_tdm: bool = True  # XMP/IPTC/C2PA "no data mining" marks => TDM_OPT_OUT
+
+    def __post_init__(self) -> None:
+        if self.resolution < 16 or self.resolution > 4096:
+            raise ConfigError("decode.resolution must be in [16, 4096]")
+        if self.min_side < 1:
+            raise ConfigError("decode.min_side must be >= 1")
+        if self.max_aspect_ratio < 1.0:
+            raise ConfigError("decode.max_aspect_ratio must be >= 1")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ConfigError("decode.jpeg_quality must be in [1, 100]")
+        if self.max_pixels < self.min_side * self.min_side:
+            raise ConfigError("decode.max_pixels is smaller than min_side**2")
+
+
+@dataclass(frozen=True)
+class CuratedConfig:
+    """Curated store layout: shards of about `samples_per_shard` records."""
+
+    samples_per_shard: int = 2000
+
+    def __post_init__(self) -> None:
+        if self.samples_per_shard < 1:
+            raise ConfigError("curated.samples_per_shard must be >= 1")
+
+
+@dataclass(frozen=True)
+class BeamConfig:
+    """Runner flags; `options` pass straight to Beam's PipelineOptions (e.g. `--runner`)."""
+
+    runner: str = "DirectRunner"
+    direct_num_workers: int = 0  # 0 = one per core
+    direct_running_mode: str = "multi_processing"
+    options: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.direct_running_mode not in ("in_memory", "multi_threading", "multi_processing"):
+            raise ConfigError("beam.direct_running_mode must be in_memory, multi_threading or multi_processing")
+        if self.direct_num_workers < 0:
+            raise ConfigError("beam.direct_num_workers must be >= 0")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one run needs. `manifests` and `policy` are fsspec URLs."""
+
+    manifests: tuple[str, ...] = ()
+    policy: str | None = None
+    out: str = "out"
+    seed: int = 0
+    validate: ValidateConfig = field(default_factory=ValidateConfig)
+    fetch: FetchConfig = field(default_factory=FetchConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    curated: CuratedConfig = field(default_factory=CuratedConfig)
+    beam: BeamConfig = field(default_factory=BeamConfig)
+
+    def to_json(self) -> dict[str, Any]:
+        return _to_json(self)
+
+    def phase_hash(self, *sections: str) -> str:
+        """Content hash of the sections a phase depends on (plus inputs), for resume."""
+        data = self.to_json()
+        picked = {name: data[name] for name in ("manifests", "policy", "seed", *sections)}
+        blob = json.dumps(picked, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _to_json(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return {f.name: _to_json(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [_to_json(v) for v in value]
+    return value
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, where)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
+        return tuple(_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool):
+        if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+            raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls: type, data: Mapping[str, Any] | None, where: str = "config") -> Any:
+    """Build dataclass `cls` from a mapping; unknown keys raise ConfigError."""
+    data = data or {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {unknown}; known: {sorted(names)}")
+    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}") for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def load_config(url: str | None, overrides: Mapping[str, Any] | None = None) -> RunConfig:
+    """Read a YAML config (any fsspec URL) and apply top-level overrides (CLI flags)."""
+    data: dict[str, Any] = {}
+    if url:
+        with fsspec.open(url, "rt", encoding="utf-8") as handle:
+            data = yaml.safe_load(handle) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{url}: the config must be a YAML mapping")
+    for key, value in (overrides or {}).items():
+        if value is not None and value != ():
+            data[key] = value
+    return from_dict(RunConfig, data)

@@ -1,0 +1,148 @@
+"""Safe image decode and normalisation (Pillow).
+
+Limits are checked from the header before pixels are decoded (decompression bombs), JPEGs
+are decoded at reduced DCT scale with `draft()` when the target is much smaller, every
+mode (CMYK, palette, alpha, 16-bit, ...) becomes 8-bit RGB, EXIF orientation is applied,
+and the result is a `resolution`² centre crop stored as JPEG.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from pipeline.config import DecodeConfig
+from pipeline.records import Asset, RejectReason
+from pipeline.stages.base import Reject, StageDoFn
+from pipeline.stages.licenses import find_tdm_opt_out
+
+_XMP_INFO_KEYS = ("xmp", "XML:com.adobe.xmp", "XMP")
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    jpeg: bytes
+    pixel_sha256: str
+    format: str
+    width: int
+    height: int
+    mode: str
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode -> 8-bit RGB; transparent pixels are composited on white."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img, dtype=np.int64)
+        top = 65535 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255
+        arr = np.clip(arr * 255 // max(top, 1), 0, 255).astype(np.uint8)
+        img = Image.fromarray(arr, "L")
+    elif img.mode == "F":
+        arr = np.nan_to_num(np.asarray(img, dtype=np.float32))
+        lo, hi = float(arr.min(initial=0.0)), float(arr.max(initial=1.0))
+        arr = ((arr - lo) / (hi - lo or 1.0) * 255).astype(np.uint8)
+        img = Image.fromarray(arr, "L")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("LA", "PA", "La", "RGBa"):
+        img = img.convert("RGBA")
+    if img.mode == "RGBA":
+        background = Image.new("RGB", img.size, (255, 255, 255))
+        background.paste(img, mask=img.getchannel("A"))
+        return background
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    return img
+
+
+def _centre_square(img: Image.Image, size: int) -> Image.Image:
+    w, h = img.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    img = img.resize((nw, nh), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def decode_image(data: bytes, cfg: DecodeConfig) -> DecodedImage:
+    """Decode and normalise one image or raise `Reject` with the specific reason."""
+    if not data:
+        raise Reject(RejectReason.EMPTY_FILE, "zero-byte file")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError as exc:
+            raise Reject(RejectReason.DECOMPRESSION_BOMB, str(exc)) from exc
+        except Image.DecompressionBombWarning as exc:
+            raise Reject(RejectReason.DECOMPRESSION_BOMB, str(exc)) from exc
+        except UnidentifiedImageError as exc:
+            raise Reject(RejectReason.NOT_AN_IMAGE, "not a recognised image format") from exc
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise Reject(RejectReason.NOT_AN_IMAGE, f"cannot open: {exc}") from exc
+        fmt = img.format or "unknown"
+        width, height = img.size
+        if width * height > cfg.max_pixels:
+            raise Reject(RejectReason.DECOMPRESSION_BOMB,
+                         f"{width}x{height} = {width * height:,} pixels > max_pixels {cfg.max_pixels:,}")
+        if cfg.check_tdm:
+            blocks = tuple(v if isinstance(v, bytes) else str(v).encode("utf-8", "replace")
+                           for k, v in img.info.items() if k in _XMP_INFO_KEYS)
+            mark = find_tdm_opt_out(data, blocks)
+            if mark:
+                raise Reject(RejectReason.TDM_OPT_OUT, mark)
+        if min(width, height) < cfg.min_side:
+            raise Reject(RejectReason.TOO_SMALL, f"{width}x{height}: shorter side < min_side {cfg.min_side}")
+        aspect = max(width, height) / min(width, height)
+        if aspect > cfg.max_aspect_ratio:
+            raise Reject(RejectReason.BAD_ASPECT_RATIO, f"{width}x{height}: aspect {aspect:.2f} > {cfg.max_aspect_ratio}")
+        mode = img.mode
+        if cfg.use_draft and fmt == "JPEG" and img.mode in ("RGB", "L", "CMYK"):
+            short = min(width, height)
+            want = (math.ceil(width * cfg.resolution / short), math.ceil(height * cfg.resolution / short))
+            img.draft(img.mode if img.mode in ("RGB", "L") else None, want)
+        try:
+            img.load()
+        except Image.DecompressionBombError as exc:
+            raise Reject(RejectReason.DECOMPRESSION_BOMB, str(exc)) from exc
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            message = str(exc)
+            if "truncated" in message or "broken data stream" in message or isinstance(exc, EOFError):
+                raise Reject(RejectReason.TRUNCATED_IMAGE, f"truncated image data: {message}") from exc
+            raise Reject(RejectReason.NOT_AN_IMAGE, f"decode failed: {message}") from exc
+        if getattr(img, "n_frames", 1) > 1:
+            img.seek(0)
+        img = ImageOps.exif_transpose(img)
+        rgb = _to_rgb(img)
+    square = _centre_square(rgb, cfg.resolution)
+    pixels = square.tobytes()
+    out = io.BytesIO()
+    square.save(out, "JPEG", quality=cfg.jpeg_quality, subsampling=0)
+    return DecodedImage(out.getvalue(), hashlib.sha256(pixels).hexdigest(), fmt, width, height, mode)
+
+
+class DecodeImages(StageDoFn):
+    """Decode, filter by size/aspect, reject TDM opt-outs, normalise; drops the source bytes."""
+
+    stage = "decode"
+
+    def __init__(self, cfg: DecodeConfig):
+        super().__init__()
+        self.cfg = cfg
+
+    def handle(self, asset: Asset) -> Asset:
+        decoded = decode_image(asset.source_bytes or b"", self.cfg)
+        return asset.replace(
+            source_bytes=None,
+            image=decoded.jpeg,
+            pixel_sha256=decoded.pixel_sha256,
+            source_format=decoded.format,
+            source_width=decoded.width,
+            source_height=decoded.height,
+            source_mode=decoded.mode,
+        )

@@ -1,0 +1,229 @@
+"""Read manifests (JSONL / CSV / Parquet, any fsspec URL), validate rows, drop repeated ids.
+
+Every raw row leaves this family either as an `Asset` or as a `Rejected`, so the ledger
+can account for it; a malformed line is a rejection, never a crashed run.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import unicodedata
+from typing import Any, Iterable, Iterator
+
+import apache_beam as beam
+import fsspec
+from apache_beam.metrics import Metrics
+
+from manifests.schema import RowError, parse_entry
+from pipeline.config import ValidateConfig
+from pipeline.records import Asset, Rejected, RejectReason, SourceRow
+from pipeline.stages.base import REJECTED, StageCounters
+
+log = logging.getLogger(__name__)
+
+FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet"}
+_COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
+
+
+def manifest_format(url: str) -> str:
+    """Format from the file name (a compression suffix is looked through)."""
+    name = url.lower()
+    for suffix in _COMPRESSIONS:
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+    for suffix, fmt in FORMATS.items():
+        if name.endswith(suffix):
+            return fmt
+    raise ValueError(f"{url}: unknown manifest format (expected .jsonl, .csv or .parquet)")
+
+
+def read_manifest(url: str) -> Iterator[SourceRow]:
+    """Yield every row of one manifest with its 1-based row number; streams, never loads all."""
+    fmt = manifest_format(url)
+    if fmt == "parquet":
+        yield from _read_parquet(url)
+        return
+    with fsspec.open(url, "rb", compression="infer") as raw:
+        text = io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline="")
+        if fmt == "jsonl":
+            yield from _read_jsonl(url, text)
+        else:
+            yield from _read_csv(url, text)
+
+
+def _read_jsonl(url: str, lines: Iterable[str]) -> Iterator[SourceRow]:
+    row_no = 0
+    for line in lines:
+        if not line.strip():
+            continue
+        row_no += 1
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as exc:
+            yield SourceRow(url, row_no, line.strip()[:500], parse_error=f"invalid JSON: {exc.msg} at column {exc.colno}")
+            continue
+        if not isinstance(value, dict):
+            yield SourceRow(url, row_no, line.strip()[:500], parse_error=f"line is a JSON {type(value).__name__}, not an object")
+            continue
+        yield SourceRow(url, row_no, value)
+
+
+def _read_csv(url: str, text: io.TextIOBase) -> Iterator[SourceRow]:
+    reader = csv.reader(text)
+    try:
+        header = next(reader)
+    except StopIteration:
+        return
+    header = [h.strip() for h in header]
+    for row_no, cells in enumerate(reader, start=1):
+        if not any(c.strip() for c in cells):
+            continue
+        if len(cells) != len(header):
+            yield SourceRow(url, row_no, ",".join(cells)[:500],
+                            parse_error=f"{len(cells)} cells for {len(header)} columns")
+            continue
+        yield SourceRow(url, row_no, {k: (v if v != "" else None) for k, v in zip(header, cells)})
+
+
+def _read_parquet(url: str) -> Iterator[SourceRow]:
+    import pyarrow.parquet as pq
+
+    with fsspec.open(url, "rb") as handle:
+        parquet = pq.ParquetFile(handle)
+        row_no = 0
+        for batch in parquet.iter_batches(batch_size=4096):
+            for record in batch.to_pylist():
+                row_no += 1
+                yield SourceRow(url, row_no, record)
+
+
+def count_manifest_rows(url: str) -> int:
+    """Independent row count used for the ledger invariant."""
+    return sum(1 for _ in read_manifest(url))
+
+
+class ReadManifests(beam.PTransform):
+    """URLs -> SourceRow per manifest row (one reader per file, then rebalanced)."""
+
+    def __init__(self, urls: Iterable[str]):
+        super().__init__()
+        self.urls = sorted(urls)
+        if not self.urls:
+            raise ValueError("ReadManifests needs at least one manifest URL")
+
+    def expand(self, pbegin):
+        return (
+            pbegin
+            | "ManifestUrls" >> beam.Create(self.urls)
+            | "ReadRows" >> beam.FlatMap(_counted_read)
+            | "Rebalance" >> beam.Reshuffle()
+        )
+
+
+def _counted_read(url: str) -> Iterator[SourceRow]:
+    counter = Metrics.counter("ingest", "in")
+    for row in read_manifest(url):
+        counter.inc()
+        yield row
+
+
+def clean_captions(captions: Iterable[str], cfg: ValidateConfig) -> tuple[tuple[str, ...], tuple[RejectReason, str] | None]:
+    """Normalise captions and drop bad ones; if none is left, say why (first failure wins)."""
+    kept: list[str] = []
+    failure: tuple[RejectReason, str] | None = None
+    for caption in captions:
+        text = unicodedata.normalize("NFC", caption)
+        text = "".join(ch if unicodedata.category(ch)[0] != "C" else " " for ch in text)
+        text = " ".join(text.split())
+        if len(text) < cfg.min_caption_chars:
+            failure = failure or (RejectReason.CAPTION_EMPTY, f"caption {caption[:40]!r} is empty or shorter than {cfg.min_caption_chars} chars")
+            continue
+        if len(text) > cfg.max_caption_chars:
+            failure = failure or (RejectReason.CAPTION_TOO_LONG, f"caption has {len(text)} chars (max {cfg.max_caption_chars})")
+            continue
+        letters = sum(1 for ch in text if ch.isalpha() or ch.isspace())
+        if letters / len(text) < cfg.min_letter_fraction or not any(ch.isalpha() for ch in text):
+            failure = failure or (RejectReason.CAPTION_NOT_TEXT, f"caption {text[:60]!r} is not natural-language text")
+            continue
+        if text not in kept:
+            kept.append(text)
+    kept = kept[: cfg.max_captions]
+    if kept:
+        return tuple(kept), None
+    return (), failure or (RejectReason.CAPTION_EMPTY, "no captions")
+
+
+class _ValidateRow(beam.DoFn):
+    stage = "validate"
+
+    def __init__(self, cfg: ValidateConfig):
+        super().__init__()
+        self.cfg = cfg
+        self._counters: StageCounters | None = None
+
+    def setup(self) -> None:
+        self._counters = StageCounters(self.stage)
+
+    def _reject(self, row: SourceRow, reason: RejectReason, detail: str, asset_id: str | None = None, entry=None):
+        self._counters.rejected(reason)
+        return beam.pvalue.TaggedOutput(
+            REJECTED, Rejected(asset_id, self.stage, reason, detail, row.manifest_uri, row.manifest_row, entry=entry)
+        )
+
+    def process(self, row: SourceRow):
+        self._counters.seen.inc()
+        if row.parse_error is not None:
+            yield self._reject(row, RejectReason.MALFORMED_ROW, row.parse_error)
+            return
+        try:
+            entry = parse_entry(row.raw)
+        except RowError as err:
+            yield self._reject(row, RejectReason[err.reason], err.detail, err.asset_id)
+            return
+        except Exception as exc:  # noqa: BLE001 - contract: unexpected errors become ledger rows
+            yield self._reject(row, RejectReason.ERROR, f"{type(exc).__name__}: {exc}")
+            return
+        captions, failure = clean_captions(entry.captions, self.cfg)
+        if failure is not None:
+            yield self._reject(row, failure[0], failure[1], entry.asset_id, entry)
+            return
+        self._counters.kept.inc()
+        yield Asset(entry=entry, manifest_uri=row.manifest_uri, manifest_row=row.manifest_row, captions=captions)
+
+
+def _first_wins(item: tuple[str, Iterable[Asset]]) -> Iterator[Any]:
+    """Keep the earliest (manifest, row) of an asset_id; reject the rest with a pointer."""
+    _, assets = item
+    ordered = sorted(assets, key=lambda a: (a.manifest_uri, a.manifest_row))
+    first = ordered[0]
+    yield first
+    counter = Metrics.counter("validate", f"rejected/{RejectReason.DUPLICATE_ASSET_ID.value}")
+    for other in ordered[1:]:
+        counter.inc()
+        yield beam.pvalue.TaggedOutput(REJECTED, other.reject(
+            "validate", RejectReason.DUPLICATE_ASSET_ID,
+            f"asset_id already used at {first.manifest_uri} row {first.manifest_row}",
+            dup_of=first.asset_id,
+        ))
+
+
+class ValidateManifestRows(beam.PTransform):
+    """SourceRow -> Asset (validated, captions cleaned), with repeated asset_ids rejected."""
+
+    def __init__(self, cfg: ValidateConfig):
+        super().__init__()
+        self.cfg = cfg
+
+    def expand(self, rows):
+        parsed = rows | "Parse" >> beam.ParDo(_ValidateRow(self.cfg)).with_outputs(REJECTED, main="kept")
+        unique = (
+            parsed.kept
+            | "KeyById" >> beam.Map(lambda a: (a.asset_id, a))
+            | "GroupById" >> beam.GroupByKey()
+            | "FirstWins" >> beam.FlatMap(_first_wins).with_outputs(REJECTED, main="kept")
+        )
+        rejected = (parsed[REJECTED], unique[REJECTED]) | "AllRejected" >> beam.Flatten()
+        return unique.kept, rejected

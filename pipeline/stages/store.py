@@ -1,0 +1,184 @@
+"""Write the curated store: webdataset tar shards + one metadata Parquet per shard.
+
+Records go to shard `stable_bucket(key, n)` where n = ceil(kept / samples_per_shard), are
+sorted by key inside a shard, and tar headers are fixed (mtime 0, root owner), so the same
+inputs and config give byte-identical shards; each file is written atomically.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import tarfile
+from typing import Any, Iterable
+
+import apache_beam as beam
+import pyarrow as pa
+import pyarrow.parquet as pq
+from apache_beam.metrics import Metrics
+
+from pipeline import storage
+from pipeline.records import Asset
+
+METADATA_SCHEMA = pa.schema([
+    ("key", pa.string()),
+    ("asset_id", pa.string()),
+    ("shard", pa.int32()),
+    ("manifest_uri", pa.string()),
+    ("manifest_row", pa.int64()),
+    ("source_uri", pa.string()),
+    ("captions", pa.list_(pa.string())),
+    ("license_id", pa.string()),
+    ("license_name", pa.string()),
+    ("license_url", pa.string()),
+    ("licensor", pa.string()),
+    ("allowed_uses", pa.list_(pa.string())),
+    ("license_start", pa.string()),
+    ("license_expiry", pa.string()),
+    ("sha256", pa.string()),
+    ("pixel_sha256", pa.string()),
+    ("phash", pa.string()),
+    ("cluster_id", pa.string()),
+    ("source_format", pa.string()),
+    ("source_mode", pa.string()),
+    ("source_width", pa.int32()),
+    ("source_height", pa.int32()),
+    ("source_size", pa.int64()),
+    ("image_bytes", pa.int32()),
+    ("extra_json", pa.string()),
+])
+
+
+def sample_json(asset: Asset, key: str, shard: int) -> dict[str, Any]:
+    """The `key.json` member: every manifest field plus what the pipeline derived."""
+    meta = asset.entry.to_json()
+    meta.update(
+        key=key,
+        shard=shard,
+        captions=list(asset.captions),
+        manifest_captions=list(asset.entry.captions),
+        manifest_uri=asset.manifest_uri,
+        manifest_row=asset.manifest_row,
+        source_uri=asset.source_uri,
+        sha256=asset.sha256,
+        manifest_sha256=asset.entry.sha256,
+        pixel_sha256=asset.pixel_sha256,
+        phash=asset.phash,
+        cluster_id=asset.cluster_id,
+        source_format=asset.source_format,
+        source_mode=asset.source_mode,
+        source_width=asset.source_width,
+        source_height=asset.source_height,
+        source_size=asset.source_size,
+    )
+    return meta
+
+
+def metadata_row(asset: Asset, key: str, shard: int) -> dict[str, Any]:
+    e = asset.entry
+    return {
+        "key": key,
+        "asset_id": asset.asset_id,
+        "shard": shard,
+        "manifest_uri": asset.manifest_uri,
+        "manifest_row": asset.manifest_row,
+        "source_uri": asset.source_uri,
+        "captions": list(asset.captions),
+        "license_id": e.license_id,
+        "license_name": e.license_name,
+        "license_url": e.license_url,
+        "licensor": e.licensor,
+        "allowed_uses": list(e.allowed_uses),
+        "license_start": e.license_start.isoformat() if e.license_start else None,
+        "license_expiry": e.license_expiry.isoformat() if e.license_expiry else None,
+        "sha256": asset.sha256,
+        "pixel_sha256": asset.pixel_sha256,
+        "phash": asset.phash,
+        "cluster_id": asset.cluster_id,
+        "source_format": asset.source_format,
+        "source_mode": asset.source_mode,
+        "source_width": asset.source_width,
+        "source_height": asset.source_height,
+        "source_size": asset.source_size,
+        "image_bytes": len(asset.image or b""),
+        "extra_json": json.dumps(dict(e.extra), sort_keys=True),
+    }
+
+
+def shard_name(index: int, kind: str = "images", ext: str = "tar") -> str:
+    return f"{kind}-{index:06d}.{ext}"
+
+
+def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_shard(out_dir: str, shard: int, records: Iterable[tuple[str, Asset]]) -> dict[str, Any]:
+    """Write one tar + metadata Parquet; returns the shard's index entry."""
+    ordered = sorted(records, key=lambda kv: kv[0])
+    tar_url = storage.join(out_dir, shard_name(shard))
+    with storage.atomic_open(tar_url, "wb") as handle:
+        with tarfile.open(fileobj=handle, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for key, asset in ordered:
+                _tar_member(tar, f"{key}.jpg", asset.image or b"")
+                meta = json.dumps(sample_json(asset, key, shard), sort_keys=True, ensure_ascii=False)
+                _tar_member(tar, f"{key}.json", meta.encode("utf-8"))
+    table = pa.Table.from_pylist([metadata_row(a, k, shard) for k, a in ordered], schema=METADATA_SCHEMA)
+    meta_url = storage.join(out_dir, shard_name(shard, "metadata", "parquet"))
+    with storage.atomic_open(meta_url, "wb") as handle:
+        pq.write_table(table, handle, compression="zstd")
+    return {
+        "shard": shard,
+        "tar": shard_name(shard),
+        "metadata": shard_name(shard, "metadata", "parquet"),
+        "samples": len(ordered),
+        "tar_sha256": storage.file_sha256(tar_url),
+    }
+
+
+class _WriteShard(beam.DoFn):
+    def __init__(self, out_dir: str):
+        super().__init__()
+        self.out_dir = out_dir
+        self.written = Metrics.counter("store", "samples_written")
+
+    def process(self, item):
+        shard, records = item
+        entry = write_shard(self.out_dir, shard, records)
+        self.written.inc(entry["samples"])
+        yield entry
+
+
+def shard_count(kept: int, samples_per_shard: int) -> int:
+    return max(1, math.ceil(kept / samples_per_shard))
+
+
+class WriteCuratedStore(beam.PTransform):
+    """Assets -> tar + Parquet shards under `out_dir`; emits one index entry per shard."""
+
+    def __init__(self, out_dir: str, samples_per_shard: int):
+        super().__init__()
+        self.out_dir = out_dir
+        self.samples_per_shard = samples_per_shard
+
+    def expand(self, assets):
+        per_shard = self.samples_per_shard
+        count = assets | "Count" >> beam.combiners.Count.Globally()
+
+        def assign(asset: Asset, total: int):
+            key = storage.asset_key(asset.asset_id)
+            return storage.stable_bucket(key, shard_count(total, per_shard)), (key, asset)
+
+        return (
+            assets
+            | "AssignShard" >> beam.Map(assign, total=beam.pvalue.AsSingleton(count))
+            | "GroupByShard" >> beam.GroupByKey()
+            | "WriteShard" >> beam.ParDo(_WriteShard(self.out_dir))
+        )

@@ -1,0 +1,97 @@
+"""Output paths on any fsspec filesystem: atomic writes, listing, removal, stable keys.
+
+A file is written under a temporary name in the same folder and renamed when complete,
+so a reader (or a resumed run) never sees half a shard.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import uuid
+from typing import IO, Any, Iterator
+
+import fsspec
+from fsspec.core import url_to_fs
+
+
+def join(base: str, *parts: str) -> str:
+    base = base.rstrip("/")
+    return "/".join([base, *[p.strip("/") for p in parts]])
+
+
+def asset_key(asset_id: str) -> str:
+    """Stable 16-hex key for an asset (webdataset keys cannot hold dots or slashes)."""
+    return hashlib.blake2b(asset_id.encode("utf-8"), digest_size=8).hexdigest()
+
+
+def stable_bucket(key: str, buckets: int) -> int:
+    """Deterministic bucket of a key, independent of Python's hash seed and of partitioning."""
+    digest = hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % buckets
+
+
+@contextlib.contextmanager
+def atomic_open(url: str, mode: str = "wb") -> Iterator[IO[Any]]:
+    """Open `url` for writing; the data appears under its name only when the block exits cleanly."""
+    fs, path = url_to_fs(url)
+    parent = path.rsplit("/", 1)[0] if "/" in path else ""
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{path.rsplit('/', 1)[-1]}" if parent else f".tmp-{uuid.uuid4().hex}"
+    try:
+        with fs.open(tmp, mode) as handle:
+            yield handle
+        if getattr(fs, "protocol", None) in ("file", ("file", "local")) or fs.__class__.__name__ == "LocalFileSystem":
+            os.replace(tmp, path)
+        else:
+            fs.mv(tmp, path)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            fs.rm(tmp)
+        raise
+
+
+def write_bytes(url: str, data: bytes) -> None:
+    with atomic_open(url, "wb") as handle:
+        handle.write(data)
+
+
+def write_json(url: str, value: Any) -> None:
+    write_bytes(url, (json.dumps(value, indent=2, sort_keys=True, default=str) + "\n").encode("utf-8"))
+
+
+def read_json(url: str) -> Any:
+    with fsspec.open(url, "rt", encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def exists(url: str) -> bool:
+    fs, path = url_to_fs(url)
+    return fs.exists(path)
+
+
+def remove_tree(url: str) -> None:
+    fs, path = url_to_fs(url)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def list_files(url: str, pattern: str) -> list[str]:
+    """Sorted full URLs of files in folder `url` matching a glob pattern."""
+    fs, path = url_to_fs(url)
+    found = sorted(fs.glob(f"{path.rstrip('/')}/{pattern}"))
+    protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
+    if protocol in ("file", "local"):
+        return found
+    return [f"{protocol}://{p.lstrip('/')}" if protocol != "memory" else f"memory://{p}" for p in found]
+
+
+def file_sha256(url: str) -> str:
+    digest = hashlib.sha256()
+    with fsspec.open(url, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
