@@ -176,9 +176,23 @@ class WriteCuratedStore(beam.PTransform):
             key = storage.asset_key(asset.asset_id)
             return storage.stable_bucket(key, shard_count(total, per_shard)), (key, asset)
 
-        return (
+        out_dir = self.out_dir
+        entries = (
             assets
             | "AssignShard" >> beam.Map(assign, total=beam.pvalue.AsSingleton(count))
             | "GroupByShard" >> beam.GroupByKey()
-            | "WriteShard" >> beam.ParDo(_WriteShard(self.out_dir))
+            | "WriteShard" >> beam.ParDo(_WriteShard(out_dir))
         )
+        return (
+            entries
+            | "CollectIndex" >> beam.combiners.ToList()
+            | "WriteIndex" >> beam.Map(lambda shards: write_index(out_dir, shards))
+        )
+
+
+def write_index(out_dir: str, shards: list[dict[str, Any]]) -> dict[str, Any]:
+    """`index.json`: every shard with its sample count and tar sha256 (readers start here)."""
+    ordered = sorted(shards, key=lambda s: s["shard"])
+    index = {"format": "webdataset", "samples": sum(s["samples"] for s in ordered), "shards": ordered}
+    storage.write_json(storage.join(out_dir, "index.json"), index)
+    return index

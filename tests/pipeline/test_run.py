@@ -1,0 +1,161 @@
+"""The curated phase end to end: every reject reason from a real bad input, the ledger
+invariant, determinism, webdataset-readable shards, resume after a killed run."""
+
+import dataclasses
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+
+from pipeline import ledger
+from pipeline.config import RunConfig
+from pipeline.run import run
+
+IN_MEMORY = ["--direct_running_mode=in_memory", "--direct_num_workers=1"]
+EXPECTED = {
+    "bad-random-bytes": "NOT_AN_IMAGE", "bad-truncated": "TRUNCATED_IMAGE", "bad-empty": "EMPTY_FILE",
+    "bad-bomb": "DECOMPRESSION_BOMB", "bad-missing": "FILE_NOT_FOUND", "bad-escape": "URI_NOT_ALLOWED",
+    "bad-other-host": "URI_NOT_ALLOWED", "bad-tdm": "TDM_OPT_OUT", "bad-tiny": "TOO_SMALL",
+    "bad-panorama": "BAD_ASPECT_RATIO", "bad-checksum": "CHECKSUM_MISMATCH", "bad-expired": "LICENSE_EXPIRED",
+    "bad-not-yet-valid": "LICENSE_NOT_YET_VALID", "bad-unknown-license": "LICENSE_UNKNOWN",
+    "bad-editorial-only": "USE_NOT_ALLOWED", "bad-caption-empty": "CAPTION_EMPTY",
+    "bad-caption-long": "CAPTION_TOO_LONG", "bad-caption-not-text": "CAPTION_NOT_TEXT",
+    "bad-bad-date": "BAD_DATE", "bad-type": "BAD_FIELD_TYPE",
+}
+
+
+def config(corpus, out) -> RunConfig:
+    return RunConfig(manifests=(str(corpus["manifest"]),), policy=str(corpus["policy"]), out=str(out))
+
+
+def tree_digest(root: Path, *folders: str) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for folder in folders for p in sorted((root / folder).rglob("*")) if p.is_file()}
+
+
+@pytest.fixture()
+def first_run(tiny_corpus, tmp_path):
+    report = run(config(tiny_corpus, tmp_path / "out"), beam_flags=IN_MEMORY)
+    return tiny_corpus, tmp_path / "out", report
+
+
+def test_every_reason_and_the_invariant(first_run):
+    corpus, out, report = first_run
+    table = ledger.read_ledger(str(out)).to_pylist()
+    assert len(table) == corpus["rows"] == report.summary.rows_in
+    by_id = {}
+    for row in table:
+        by_id.setdefault(row["asset_id"], []).append(row)
+    for asset_id, reason in EXPECTED.items():
+        assert [r["reason"] for r in by_id[asset_id]] == [reason], asset_id
+    malformed = [r for r in table if r["reason"] == "MALFORMED_ROW"]
+    assert len(malformed) == 1 and malformed[0]["asset_id"] is None
+    assert [r["reason"] for r in by_id["bad-no-uri"]] == ["MISSING_FIELD"]
+    first, repeat = sorted(by_id[corpus["coco"][0]["asset_id"]], key=lambda r: (r["manifest_uri"], r["manifest_row"]))
+    assert first["reason"] != "DUPLICATE_ASSET_ID" and repeat["reason"] == "DUPLICATE_ASSET_ID"
+    nd = [c for c in corpus["coco"] if "ND" in c["license_id"]]
+    disallowed = [r for r in table if r["reason"] == "LICENSE_DISALLOWED"]
+    assert len(disallowed) == len(nd) > 0
+    kept = [r for r in table if r["status"] == "kept"]
+    assert report.summary.kept == len(kept) and report.summary.rejected == len(table) - len(kept)
+    assert all(r["license_id"] and r["sha256"] for r in kept)
+
+
+def test_curated_store_is_webdataset_with_full_metadata(first_run):
+    corpus, out, report = first_run
+    index = json.loads((out / "curated" / "index.json").read_text())
+    assert index["samples"] == report.summary.kept
+    samples = list(wds.WebDataset([str(out / "curated" / s["tar"]) for s in index["shards"]], shardshuffle=False))
+    assert len(samples) == report.summary.kept
+    for sample in samples:
+        meta = json.loads(sample["json"])
+        assert meta["key"] == sample["__key__"] and meta["license_id"] and meta["captions"]
+        assert meta["manifest_row"] >= 1 and meta["sha256"] and meta["source_width"] > 0
+        assert sample["jpg"][:2] == b"\xff\xd8"
+    meta = pq.read_table(out / "curated" / index["shards"][0]["metadata"]).to_pylist()
+    assert meta == sorted(meta, key=lambda r: r["key"])
+    with tarfile.open(out / "curated" / index["shards"][0]["tar"]) as tar:
+        assert {(m.mtime, m.uid, m.uname) for m in tar.getmembers()} == {(0, 0, "")}
+
+
+def test_same_inputs_give_byte_identical_outputs(first_run, tmp_path):
+    corpus, out, _ = first_run
+    again = tmp_path / "again"
+    run(config(corpus, again), beam_flags=["--direct_running_mode=multi_threading", "--direct_num_workers=2"])
+    assert tree_digest(out, "curated", "ledger") == tree_digest(again, "curated", "ledger")
+
+
+def test_rerun_skips_a_complete_phase_and_invariant_breaks_loudly(first_run):
+    corpus, out, _ = first_run
+    before = tree_digest(out, "curated", "ledger")
+    report = run(config(corpus, out), beam_flags=IN_MEMORY)
+    assert [p.skipped for p in report.phases] == [True]
+    assert tree_digest(out, "curated", "ledger") == before
+    with pytest.raises(ledger.LedgerInvariantError):
+        ledger.check_invariant(str(out), report.summary.rows_in + 1)
+
+
+def test_memory_filesystem_end_to_end(tiny_corpus):
+    import fsspec
+    fs = fsspec.filesystem("memory")
+    root = "/e2e-corpus"
+    for path in Path(tiny_corpus["dir"]).rglob("*"):
+        if path.is_file():
+            fs.pipe(f"{root}/{path.relative_to(tiny_corpus['dir'])}", path.read_bytes())
+    cfg = RunConfig(manifests=(f"memory://{root}/manifest.jsonl",), policy=str(tiny_corpus["policy"]),
+                    out="memory://e2e-out")
+    report = run(cfg, beam_flags=IN_MEMORY)
+    assert report.summary.kept > 0 and report.summary.rows_in == tiny_corpus["rows"]
+    assert fs.exists("/e2e-out/curated/index.json")
+
+
+def _curate(args, **kw):
+    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kw)
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_outputs(tiny_corpus, tmp_path):
+    args = ["run", "--manifest", str(tiny_corpus["manifest"]), "--policy", str(tiny_corpus["policy"])]
+    reference = tmp_path / "reference"
+    done = _curate(args + ["--out", str(reference)])
+    assert done.wait(timeout=300) == 0, done.stdout.read()
+
+    out = tmp_path / "interrupted"
+    proc = _curate(args + ["--out", str(out)], start_new_session=True)
+    for line in proc.stdout:  # kill the whole process group once the Beam phase is under way
+        if "phase curated: running" in line:
+            time.sleep(1.0)
+            break
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "_state" / "curated.json").exists(), "the kill came too late to test resume"
+
+    resumed = _curate(args + ["--out", str(out)])
+    output = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, output
+    assert tree_digest(out, "curated", "ledger") == tree_digest(reference, "curated", "ledger")
+    assert not list(out.rglob(".tmp-*"))
+
+
+def test_partial_outputs_of_a_crashed_phase_are_replaced(first_run, tmp_path):
+    """A crash can leave temp files, a half-written set of shards and no state file."""
+    corpus, out, _ = first_run
+    reference = tree_digest(out, "curated", "ledger")
+    (out / "_state" / "curated.json").unlink()
+    shards = sorted((out / "curated").glob("images-*.tar"))
+    shards[0].write_bytes(shards[0].read_bytes()[:1000])
+    (out / "curated" / ".tmp-deadbeef-images-000009.tar").write_bytes(b"partial")
+    (out / "curated" / "images-000099.tar").write_bytes(b"stale shard from another assignment")
+    report = run(config(corpus, out), beam_flags=IN_MEMORY)
+    assert [p.skipped for p in report.phases] == [False]
+    assert tree_digest(out, "curated", "ledger") == reference
