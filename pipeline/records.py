@@ -105,6 +105,7 @@ class Asset:
     source_height: int | None = None
     source_mode: str | None = None
     image: bytes | None = field(default=None, repr=False)  # normalised JPEG
+    image_uri: str | None = None  # where the normalised JPEG was staged (then `image` is None)
     pixel_sha256: str | None = None  # of the normalised pixels, for cross-encoding exact dedup
     # dedup / alignment (filled by later stages)
     phash: str | None = None
@@ -116,6 +117,17 @@ class Asset:
     @property
     def asset_id(self) -> str:
         return self.entry.asset_id
+
+    def image_bytes(self) -> bytes:
+        """The normalised JPEG, from memory or from the staging area."""
+        if self.image is not None:
+            return self.image
+        if self.image_uri is None:
+            raise ValueError(f"asset {self.asset_id} has no decoded image")
+        import fsspec
+
+        with fsspec.open(self.image_uri, "rb") as handle:
+            return handle.read()
 
     def replace(self, **changes: Any) -> "Asset":
         return dataclasses.replace(self, **changes)

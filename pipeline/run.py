@@ -28,7 +28,7 @@ from pipeline.stages.decode import DecodeImages
 from pipeline.stages.fetch import FetchImages
 from pipeline.stages.ingest import ReadManifests, ValidateManifestRows, count_manifest_rows
 from pipeline.stages.licenses import VerifyLicenses
-from pipeline.stages.store import WriteCuratedStore
+from pipeline.stages.store import StageImages, WriteCuratedStore
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,7 @@ def build_curated_graph(p: beam.Pipeline, cfg: RunConfig, policy: LicensePolicy)
     assets, rejected_license = apply_stage(assets, "VerifyLicenses", VerifyLicenses(policy))
     assets, rejected_fetch = apply_stage(assets, "FetchImages", FetchImages(cfg.fetch))
     assets, rejected_decode = apply_stage(assets, "DecodeImages", DecodeImages(cfg.decode))
+    assets = assets | "StageImages" >> beam.ParDo(StageImages(staging_dir(cfg.out)))
     rejections = [rejected_rows, rejected_license, rejected_fetch, rejected_decode]
 
     _ = assets | "WriteCuratedStore" >> WriteCuratedStore(
@@ -79,6 +80,10 @@ def build_curated_graph(p: beam.Pipeline, cfg: RunConfig, policy: LicensePolicy)
         tuple(rejections) | "FlattenRejected" >> beam.Flatten() | "RejectedRows" >> beam.Map(ledger.rejected_row)
     )
     _ = (kept_rows, rejected_rows_all) | "AllLedgerRows" >> beam.Flatten() | "WriteLedger" >> ledger.WriteLedger(cfg.out)
+
+
+def staging_dir(out: str) -> str:
+    return storage.join(out, "_work", "staging")
 
 
 def _counters(result: Any) -> dict[str, int]:
@@ -104,7 +109,7 @@ def _state_url(out: str, phase: str) -> str:
     return storage.join(out, "_state", f"{phase}.json")
 
 
-PHASE_OUTPUTS = {"curated": ("curated", "ledger")}
+PHASE_OUTPUTS = {"curated": ("curated", "ledger", "_work/staging")}
 PHASE_SECTIONS = {"curated": ("validate", "fetch", "decode", "curated")}
 
 
@@ -162,6 +167,8 @@ def run(cfg: RunConfig, until: str = PHASES[-1], beam_flags: Sequence[str] = ())
         info: dict[str, Any] = {}
         if phase == "curated":
             phase_counters = run_beam(lambda p: build_curated_graph(p, cfg, policy), options)
+        if phase == "curated":
+            storage.remove_tree(staging_dir(cfg.out))
         counters.update(phase_counters)
         seconds = time.monotonic() - started
         storage.write_json(_state_url(cfg.out, phase), {

@@ -122,7 +122,7 @@ def decode_image(data: bytes, cfg: DecodeConfig) -> DecodedImage:
     square = _centre_square(rgb, cfg.resolution)
     pixels = square.tobytes()
     out = io.BytesIO()
-    square.save(out, "JPEG", quality=cfg.jpeg_quality, subsampling=0)
+    square.save(out, "JPEG", quality=cfg.jpeg_quality)
     return DecodedImage(out.getvalue(), hashlib.sha256(pixels).hexdigest(), fmt, width, height, mode)
 
 

@@ -75,7 +75,7 @@ def sample_json(asset: Asset, key: str, shard: int) -> dict[str, Any]:
     return meta
 
 
-def metadata_row(asset: Asset, key: str, shard: int) -> dict[str, Any]:
+def metadata_row(asset: Asset, key: str, shard: int, image_bytes: int) -> dict[str, Any]:
     e = asset.entry
     return {
         "key": key,
@@ -101,7 +101,7 @@ def metadata_row(asset: Asset, key: str, shard: int) -> dict[str, Any]:
         "source_width": asset.source_width,
         "source_height": asset.source_height,
         "source_size": asset.source_size,
-        "image_bytes": len(asset.image or b""),
+        "image_bytes": image_bytes,
         "extra_json": json.dumps(dict(e.extra), sort_keys=True),
     }
 
@@ -124,13 +124,16 @@ def write_shard(out_dir: str, shard: int, records: Iterable[tuple[str, Asset]]) 
     """Write one tar + metadata Parquet; returns the shard's index entry."""
     ordered = sorted(records, key=lambda kv: kv[0])
     tar_url = storage.join(out_dir, shard_name(shard))
+    rows = []
     with storage.atomic_open(tar_url, "wb") as handle:
         with tarfile.open(fileobj=handle, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for key, asset in ordered:
-                _tar_member(tar, f"{key}.jpg", asset.image or b"")
+                image = asset.image_bytes()
+                _tar_member(tar, f"{key}.jpg", image)
                 meta = json.dumps(sample_json(asset, key, shard), sort_keys=True, ensure_ascii=False)
                 _tar_member(tar, f"{key}.json", meta.encode("utf-8"))
-    table = pa.Table.from_pylist([metadata_row(a, k, shard) for k, a in ordered], schema=METADATA_SCHEMA)
+                rows.append(metadata_row(asset, key, shard, len(image)))
+    table = pa.Table.from_pylist(rows, schema=METADATA_SCHEMA)
     meta_url = storage.join(out_dir, shard_name(shard, "metadata", "parquet"))
     with storage.atomic_open(meta_url, "wb") as handle:
         pq.write_table(table, handle, compression="zstd")
@@ -141,6 +144,27 @@ def write_shard(out_dir: str, shard: int, records: Iterable[tuple[str, Asset]]) 
         "samples": len(ordered),
         "tar_sha256": storage.file_sha256(tar_url),
     }
+
+
+class StageImages(beam.DoFn):
+    """Spill each normalised JPEG to `staging_dir` so later shuffles carry only paths.
+
+    Grouping records into shards is a shuffle; with the pixels in the records, a runner
+    holds the whole corpus in memory there. Staged by key, the write is idempotent.
+    """
+
+    def __init__(self, staging_dir: str):
+        super().__init__()
+        self.staging_dir = staging_dir
+
+    def process(self, asset: Asset):
+        if asset.image is None:
+            yield asset
+            return
+        key = storage.asset_key(asset.asset_id)
+        url = storage.join(self.staging_dir, key[:2], f"{key}.jpg")
+        storage.write_bytes(url, asset.image)
+        yield asset.replace(image=None, image_uri=url)
 
 
 class _WriteShard(beam.DoFn):

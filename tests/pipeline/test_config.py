@@ -1,0 +1,63 @@
+import pytest
+
+from pipeline.cli import build_parser, config_from_args, main
+from pipeline.config import ConfigError, DecodeConfig, RunConfig, load_config
+
+
+def write(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_defaults_without_a_file():
+    cfg = load_config(None)
+    assert cfg == RunConfig() and cfg.beam.runner == "DirectRunner"
+
+
+def test_nested_sections_and_types(tmp_path):
+    cfg = load_config(write(tmp_path, "decode: {resolution: 128, max_aspect_ratio: 2}\nfetch: {allowed_roots: s3://b/x}\n"))
+    assert cfg.decode.resolution == 128 and cfg.decode.max_aspect_ratio == 2.0
+    assert cfg.fetch.allowed_roots == ("s3://b/x",)
+
+
+@pytest.mark.parametrize("text,match", [
+    ("decode: {resoluton: 128}\n", "unknown keys"),
+    ("colour: blue\n", "unknown keys"),
+    ("decode: {resolution: big}\n", "expected int"),
+    ("decode: {resolution: 8}\n", "resolution"),
+    ("fetch: {retries: -1}\n", "retries"),
+    ("beam: {direct_running_mode: turbo}\n", "direct_running_mode"),
+    ("- a list\n", "mapping"),
+])
+def test_config_errors_name_the_key(tmp_path, text, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(write(tmp_path, text))
+
+
+def test_phase_hash_depends_only_on_relevant_sections():
+    base = RunConfig(manifests=("m.jsonl",), policy="p.yaml")
+    same = RunConfig(manifests=("m.jsonl",), policy="p.yaml", out="elsewhere")
+    other = RunConfig(manifests=("m.jsonl",), policy="p.yaml", decode=DecodeConfig(resolution=128))
+    assert base.phase_hash("decode") == same.phase_hash("decode") != other.phase_hash("decode")
+
+
+def test_cli_paths_resolve_against_the_config_file_and_flags_override(tmp_path):
+    (tmp_path / "cfg").mkdir()
+    path = tmp_path / "cfg" / "run.yaml"
+    path.write_text("manifests: [m.jsonl]\npolicy: p.yaml\nout: result\n")
+    args, _ = build_parser().parse_known_args(["run", "--config", str(path)])
+    cfg = config_from_args(args)
+    assert cfg.manifests == (str(tmp_path / "cfg" / "m.jsonl"),)
+    assert cfg.policy == str(tmp_path / "cfg" / "p.yaml") and cfg.out == str(tmp_path / "cfg" / "result")
+    args, beam_flags = build_parser().parse_known_args(
+        ["run", "--config", str(path), "--manifest", "s3://bucket/new.jsonl", "--policy", "memory://p.yaml",
+         "--runner=FlinkRunner"])
+    cfg = config_from_args(args)
+    assert cfg.manifests == ("s3://bucket/new.jsonl",) and cfg.policy == "memory://p.yaml"
+    assert beam_flags == ["--runner=FlinkRunner"]
+
+
+def test_cli_reports_configuration_errors(tmp_path, capsys):
+    assert main(["run", "--out", str(tmp_path / "o")]) == 2
+    assert "no manifests" in capsys.readouterr().err
