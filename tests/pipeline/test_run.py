@@ -132,10 +132,12 @@ def test_killed_run_resumes_to_the_same_outputs(tiny_corpus, tmp_path):
 
     out = tmp_path / "interrupted"
     proc = _curate(args + ["--out", str(out)], start_new_session=True)
-    for line in proc.stdout:  # kill the whole process group once the Beam phase is under way
-        if "phase curated: running" in line:
-            time.sleep(1.0)
+    staging = out / "_work" / "staging"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:  # kill the process group once images are being decoded
+        if staging.exists() and any(staging.rglob("*.jpg")):
             break
+        time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (out / "_state" / "curated.json").exists(), "the kill came too late to test resume"
