@@ -211,7 +211,7 @@ def parse_entry(row: Mapping[str, Any]) -> ManifestEntry:
     _, width = _pick(row, "width")
     _, height = _pick(row, "height")
 
-    used = {alias for aliases in ALIASES.values() for alias in aliases}
+    used = {_pick(row, name)[0] for name in ALIASES} | {name for name in ALIASES if name in row}
     extra = {str(k): _json_safe(v) for k, v in row.items() if k not in used}
     return ManifestEntry(
         asset_id=asset_id,

@@ -220,3 +220,68 @@ def write_index(out_dir: str, shards: list[dict[str, Any]]) -> dict[str, Any]:
     index = {"format": "webdataset", "samples": sum(s["samples"] for s in ordered), "shards": ordered}
     storage.write_json(storage.join(out_dir, "index.json"), index)
     return index
+
+
+def asset_from_sample(meta: dict[str, Any], jpeg: bytes) -> Asset:
+    """Rebuild an `Asset` from a curated sample (`key.json` + `key.jpg`)."""
+    from manifests.schema import parse_entry
+
+    fields = {k: meta.get(k) for k in ("asset_id", "uri", "license_id", "license_name", "license_url", "licensor",
+                                        "allowed_uses", "license_start", "license_expiry", "width", "height")}
+    fields["captions"] = meta.get("manifest_captions") or meta.get("captions") or []
+    if meta.get("manifest_sha256"):
+        fields["sha256"] = meta["manifest_sha256"]
+    fields.update(meta.get("extra") or {})
+    entry = parse_entry(fields)
+    return Asset(
+        entry=entry,
+        manifest_uri=meta["manifest_uri"],
+        manifest_row=meta["manifest_row"],
+        source_uri=meta.get("source_uri"),
+        sha256=meta.get("sha256"),
+        source_size=meta.get("source_size"),
+        source_format=meta.get("source_format"),
+        source_width=meta.get("source_width"),
+        source_height=meta.get("source_height"),
+        source_mode=meta.get("source_mode"),
+        image=jpeg,
+        pixel_sha256=meta.get("pixel_sha256"),
+        phash=meta.get("phash"),
+        cluster_id=meta.get("cluster_id"),
+        captions=tuple(meta.get("captions") or ()),
+    )
+
+
+def read_shard(url: str) -> Iterable[Asset]:
+    """Stream the assets of one curated tar shard (pairs `KEY.jpg` with `KEY.json`)."""
+    import fsspec
+
+    pending: dict[str, dict[str, bytes]] = {}
+    with fsspec.open(url, "rb") as handle, tarfile.open(fileobj=handle, mode="r|") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            key, _, ext = member.name.rpartition("/")[-1].partition(".")
+            data = tar.extractfile(member).read()
+            parts = pending.setdefault(key, {})
+            parts[ext] = data
+            if "jpg" in parts and "json" in parts:
+                del pending[key]
+                yield asset_from_sample(json.loads(parts["json"]), parts["jpg"])
+
+
+class ReadCuratedStore(beam.PTransform):
+    """Curated (or staged) store folder -> Asset per sample, one reader per shard."""
+
+    def __init__(self, store_dir: str):
+        super().__init__()
+        self.store_dir = store_dir
+
+    def expand(self, pbegin):
+        shards = storage.list_files(self.store_dir, "images-*.tar")
+        return (
+            pbegin
+            | "ShardUrls" >> beam.Create(shards)
+            | "ReadShard" >> beam.FlatMap(read_shard)
+            | "Rebalance" >> beam.Reshuffle()
+        )
