@@ -18,6 +18,8 @@ from typing import Any, Mapping
 import fsspec
 import yaml
 
+from pipeline import neardup
+
 
 class ConfigError(ValueError):
     """The configuration is invalid; the message names the offending key."""
@@ -101,6 +103,41 @@ class CuratedConfig:
             raise ConfigError("curated.samples_per_shard must be >= 1")
 
 
+HASH_INPUTS = ("auto", "source", "image")
+
+
+@dataclass(frozen=True)
+class DedupConfig:
+    """Settings for the three dedup stages; validated when built (ConfigError on bad values)."""
+
+    exact: bool = True
+    pixel_exact: bool = True  # same decoded pixels under another encoding (jpg/png/webp)
+    near: bool = True
+    hamming_radius: int = 8  # measured on real photos: see docs/dedup.md
+    hash_kind: str = "phash"
+    hash_input: str = "auto"  # auto: an upstream phash, else source bytes, else the normalised image
+    bucket_cap: int = 256  # band buckets above this are searched recursively, never pairwise
+    semantic: bool = False  # needs CLIP embeddings (align stage)
+    semantic_threshold: float = 0.95  # cosine similarity of image embeddings
+    license_preference: tuple[str, ...] = ()  # earlier license ids win ties in representative choice
+    previous_run: str | None = None  # URL/glob of a previous run's curated metadata Parquet
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.hamming_radius, int) or not 0 <= self.hamming_radius <= 32:
+            raise ConfigError(f"hamming_radius must be an int in [0, 32], got {self.hamming_radius!r}")
+        if self.hash_kind not in neardup.HASH_KINDS:
+            raise ConfigError(f"hash_kind must be one of {neardup.HASH_KINDS}, got {self.hash_kind!r}")
+        if self.hash_input not in HASH_INPUTS:
+            raise ConfigError(f"hash_input must be one of {HASH_INPUTS}, got {self.hash_input!r}")
+        if not isinstance(self.bucket_cap, int) or self.bucket_cap < 2:
+            raise ConfigError(f"bucket_cap must be an int >= 2, got {self.bucket_cap!r}")
+        if not 0.0 < float(self.semantic_threshold) <= 1.0:
+            raise ConfigError(f"semantic_threshold must be in (0, 1], got {self.semantic_threshold!r}")
+        if isinstance(self.license_preference, str):
+            raise ConfigError("license_preference must be a list of license ids, not a string")
+        object.__setattr__(self, "license_preference", tuple(self.license_preference))
+
+
 @dataclass(frozen=True)
 class BeamConfig:
     """Runner flags; `options` pass straight to Beam's PipelineOptions (e.g. `--runner`)."""
@@ -129,6 +166,7 @@ class RunConfig:
     fetch: FetchConfig = field(default_factory=FetchConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     curated: CuratedConfig = field(default_factory=CuratedConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
     beam: BeamConfig = field(default_factory=BeamConfig)
 
     def to_json(self) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import io
 import logging
 import math
 from dataclasses import dataclass, field
+from functools import lru_cache
 from itertools import combinations
 from typing import Sequence
 
@@ -75,7 +76,11 @@ def hash_to_hex(value: int) -> str:
 
 
 def hex_to_hash(text: str) -> int:
-    return int(text, 16)
+    """Inverse of `hash_to_hex`; rejects anything that is not a 64-bit hex value."""
+    value = int(text, 16)
+    if not 0 <= value < 1 << HASH_BITS:
+        raise ValueError(f"not a 64-bit hash: {text!r}")
+    return value
 
 
 def popcount(x: np.ndarray) -> np.ndarray:
@@ -117,7 +122,19 @@ def plan_bands(n_a: int, n_b: int, nbits: int, radius: int) -> tuple[Band, ...] 
     best: tuple[float, tuple[Band, ...] | None] = (_COST_BRUTE * n_a * n_b, None)
     if radius < 0:
         return None
-    for m in range(1, nbits + 1):
+    for bands, probes, pair_factor, tables in _candidate_plans(nbits, radius):
+        cost = _COST_LOOKUP * n_a * probes + _COST_PAIR * n_a * n_b * pair_factor + _COST_TABLE * tables
+        if cost < best[0]:
+            best = (cost, bands)
+    return best[1]
+
+
+@lru_cache(maxsize=1024)
+def _candidate_plans(nbits: int, radius: int) -> tuple[tuple[tuple[Band, ...], int, float, float], ...]:
+    """Every valid banding for (nbits, radius) with its cost terms (cached: pure function)."""
+    plans = []
+    max_m = min(nbits, max(radius + 1, -(-nbits // MAX_BAND_BITS)))
+    for m in range(1, max_m + 1):
         base, extra = divmod(nbits, m)
         widths = [base + (1 if i < extra else 0) for i in range(m)]
         if max(widths) > MAX_BAND_BITS:
@@ -125,19 +142,20 @@ def plan_bands(n_a: int, n_b: int, nbits: int, radius: int) -> tuple[Band, ...] 
         slack = max(0, radius + 1 - m)  # sum of thresholds
         tb, te = divmod(slack, m)
         thresholds = [tb + (1 if i < te else 0) for i in range(m)]  # wider bands get more flips
+        if any(t > w for t, w in zip(thresholds, widths)):
+            continue
         bands, lo = [], 0
         for w, t in zip(widths, thresholds):
-            bands.append(Band(lo, w, min(t, w)))
+            bands.append(Band(lo, w, t))
             lo += w
-        lookups = n_a * sum(b.probes for b in bands)
-        pairs = n_a * n_b * sum(b.probes / 2.0**b.width for b in bands)
+        probes = sum(b.probes for b in bands)
+        pair_factor = sum(b.probes / 2.0**b.width for b in bands)
         tables = sum(2.0**b.width for b in bands)
-        cost = _COST_LOOKUP * lookups + _COST_PAIR * pairs + _COST_TABLE * tables
-        if cost < best[0]:
-            best = (cost, tuple(bands))
-    return best[1]
+        plans.append((tuple(bands), probes, pair_factor, tables))
+    return tuple(plans)
 
 
+@lru_cache(maxsize=256)
 def _flip_masks(width: int, threshold: int) -> np.ndarray:
     """All width-bit values with at most `threshold` bits set (0 first)."""
     masks = [0]
@@ -215,12 +233,51 @@ def _brute_join(a: np.ndarray, b: np.ndarray | None, radius: int, stats: SearchS
     return np.concatenate(ii).astype(np.int64), np.concatenate(jj).astype(np.int64)
 
 
-def _expand(q: np.ndarray, counts: np.ndarray, first: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Query q[k] against sorted positions first[k] .. first[k]+counts[k]-1."""
-    total = int(counts.sum())
-    rep = np.repeat(q, counts)
-    offs = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
-    return rep, np.repeat(first, counts) + offs
+def _verify_block(
+    q: np.ndarray, counts: np.ndarray, first: np.ndarray, sorted_a: np.ndarray, sorted_b: np.ndarray, radius: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Compare query q[k] with sorted positions first[k] .. first[k]+counts[k]-1; return the
+    (query, sorted position) pairs within the radius. Repeats values instead of gathering
+    by index, and maps only the hits back to queries: the hot loop of the search."""
+    ends = np.cumsum(counts, dtype=np.int64)
+    total = int(ends[-1])
+    small = len(sorted_b) < 2**31 and total < 2**31
+    idx = np.int32 if small else np.int64  # int32 halves the memory traffic of the hot loop
+    pos = np.repeat((first - (ends - counts)).astype(idx), counts)
+    pos += np.arange(total, dtype=idx)
+    d = np.bitwise_xor(np.repeat(sorted_a[q], counts), sorted_b[pos])
+    hit = np.flatnonzero(popcount(d) <= radius)
+    return q[np.searchsorted(ends, hit, "right")], pos[hit]
+
+
+def _flush(
+    blocks: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    sorted_a: np.ndarray,
+    order_a: np.ndarray,
+    sorted_b: np.ndarray,
+    order: np.ndarray,
+    radius: int,
+    stats: SearchStats,
+    out_i: list[np.ndarray],
+    out_j: list[np.ndarray],
+) -> None:
+    """Verify queued probes (query position in sorted_a, bucket size, bucket start in
+    sorted_b) in memory-bounded chunks; hits are mapped back to input rows."""
+    if not blocks:
+        return
+    q = np.concatenate([b[0] for b in blocks])
+    cnt = np.concatenate([b[1] for b in blocks])
+    first = np.concatenate([b[2] for b in blocks])
+    blocks.clear()
+    if len(q) == 0:
+        return
+    csum = np.cumsum(cnt, dtype=np.int64)
+    stats.candidates += int(csum[-1])
+    cuts = np.unique(np.r_[0, np.searchsorted(csum, np.arange(_PAIR_CHUNK, int(csum[-1]), _PAIR_CHUNK), "right"), len(q)])
+    for lo, hi in zip(cuts[:-1], cuts[1:]):
+        qi, pos = _verify_block(q[lo:hi], cnt[lo:hi], first[lo:hi], sorted_a, sorted_b, radius)
+        out_i.append(order_a[qi])
+        out_j.append(order[pos])
 
 
 def _join(
@@ -247,7 +304,8 @@ def _join(
         return empty
     if radius == 0:
         return _equal_join(a, b)
-    plan = plan_bands(n_a, n_b, nbits, radius) if depth < _MAX_DEPTH else None
+    small = n_a * n_b <= 4096
+    plan = None if small or depth >= _MAX_DEPTH else plan_bands(n_a, n_b, nbits, radius)
     if plan is None:
         return _brute_join(a, b, radius, stats)
     if depth == 0:
@@ -259,60 +317,63 @@ def _join(
     for band in plan:
         shift = np.uint64(band.lo)
         bmask = np.uint64((1 << band.width) - 1)
-        va = ((a >> shift) & bmask).astype(np.int64)
-        vb = va if self_join else ((bb >> shift) & bmask).astype(np.int64)
+        va = ((a >> shift) & bmask).astype(np.int32)
+        vb = va if self_join else ((bb >> shift) & bmask).astype(np.int32)
         order = np.argsort(vb, kind="stable")
-        counts = np.bincount(vb, minlength=1 << band.width).astype(np.int64)
-        starts = np.cumsum(counts) - counts
+        sorted_b = bb[order]
+        counts = np.bincount(vb, minlength=1 << band.width)
+        starts = (np.cumsum(counts) - counts).astype(np.int64)
         huge = counts > cap
+        any_huge = bool(huge.any())
         stats.huge_buckets += int(huge.sum()) if depth == 0 else 0
-        rank = None
-        if self_join:
-            rank = np.empty(n_a, np.int64)
-            rank[order] = np.arange(n_a)
+        # one int32 gather per probe: bucket size, or -1 for a bucket that is searched recursively
+        lookup = np.where(huge, -1, counts).astype(np.int32)
         deferred_q: list[np.ndarray] = []
         deferred_key: list[np.ndarray] = []
         deferred_d: list[np.ndarray] = []
-        for mask in _flip_masks(band.width, band.threshold):
-            flips = int(mask).bit_count()
-            if self_join and mask == 0:
-                # same bucket: pair each member with the members after it in sorted order
-                q = np.arange(n_a)
-                key = va
-                small = ~huge[key]
-                q, key = q[small], key[small]
-                cnt = starts[key] + counts[key] - rank[q] - 1
-                first = rank[q] + 1
+        blocks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        # queries walk in band-value order: probe keys then rise monotonically within runs,
+        # so table gathers stay cache friendly (the search is bound by those gathers)
+        if self_join:
+            order_a, sorted_a, sva = order, sorted_b, vb[order]
+            # same bucket: pair each member with the members after it in sorted order
+            p = np.flatnonzero(lookup[sva] > 1)
+            after = starts[sva[p]] + counts[sva[p]] - p - 1
+            p, after = p[after > 0], after[after > 0]
+            blocks.append((p, after, p + 1))
+        else:
+            order_a = np.argsort(va, kind="stable")
+            sorted_a, sva = a[order_a], va[order_a]
+        masks = _flip_masks(band.width, band.threshold)
+        if self_join:
+            masks = masks[1:]
+        top_bits = np.asarray([int(m).bit_length() - 1 for m in masks])
+        for top in np.unique(top_bits):
+            if self_join:
+                # each unordered pair once: query from the side whose band value is smaller,
+                # i.e. whose value has a 0 at the mask's highest bit
+                q_all = np.flatnonzero(((sva >> top) & 1) == 0)
             else:
-                if self_join:
-                    # each unordered pair once: query from the side whose band value is smaller
-                    top = np.int64(1 << (int(mask).bit_length() - 1))
-                    q = np.flatnonzero((va & top) == 0)
-                else:
-                    q = np.arange(n_a)
-                key = va[q] ^ mask
-                cnt = counts[key]
-                big = huge[key]
-                if big.any():
-                    deferred_q.append(q[big])
-                    deferred_key.append(key[big])
-                    deferred_d.append(np.full(int(big.sum()), flips))
-                    q, key, cnt = q[~big], key[~big], cnt[~big]
-                first = starts[key]
-            keep = cnt > 0
-            q, cnt, first = q[keep], cnt[keep], first[keep]
-            if len(q) == 0:
-                continue
-            # expand in chunks so a dense delivery cannot blow up memory
-            csum = np.cumsum(cnt)
-            cuts = np.unique(np.r_[0, np.searchsorted(csum, np.arange(_PAIR_CHUNK, int(csum[-1]), _PAIR_CHUNK), "right"), len(q)])
-            for lo_idx, hi_idx in zip(cuts[:-1], cuts[1:]):
-                rep, pos = _expand(q[lo_idx:hi_idx], cnt[lo_idx:hi_idx], first[lo_idx:hi_idx])
-                j = order[pos]
-                stats.candidates += len(j)
-                ok = popcount(a[rep] ^ bb[j]) <= radius
-                out_i.append(rep[ok])
-                out_j.append(j[ok])
+                q_all = np.arange(n_a)
+            vq = sva[q_all]
+            for mask in masks[top_bits == top]:
+                flips = int(mask).bit_count()
+                key = vq ^ np.int32(mask)
+                cnt = lookup[key]
+                nz = np.flatnonzero(cnt)
+                q, key, cnt = q_all[nz], key[nz], cnt[nz]
+                if any_huge:
+                    big = cnt < 0
+                    if big.any():
+                        deferred_q.append(order_a[q[big]])
+                        deferred_key.append(key[big])
+                        deferred_d.append(np.full(int(big.sum()), flips))
+                        q, key, cnt = q[~big], key[~big], cnt[~big]
+                blocks.append((q, cnt, starts[key]))
+                if sum(len(bq) for bq, _, _ in blocks) > 1 << 20:
+                    _flush(blocks, sorted_a, order_a, sorted_b, order, radius, stats, out_i, out_j)
+        _flush(blocks, sorted_a, order_a, sorted_b, order, radius, stats, out_i, out_j)
+        _flush(blocks, sorted_a, order_a, sorted_b, order, radius, stats, out_i, out_j)
         # huge buckets: recurse on the remaining bits (exact; band bits are fixed or known)
         if self_join:
             for value in np.flatnonzero(huge):
@@ -361,7 +422,7 @@ class Pairs:
         return len(self.i)
 
 
-def find_pairs(hashes: np.ndarray, radius: int, bucket_cap: int = 4096, stats: SearchStats | None = None) -> Pairs:
+def find_pairs(hashes: np.ndarray, radius: int, bucket_cap: int = 256, stats: SearchStats | None = None) -> Pairs:
     """Every pair of *distinct* hash values within `radius` bits, each reported once as the
     pair of the first rows that hold the two values (i < j).
 
@@ -437,7 +498,7 @@ def cluster(
     hashes: np.ndarray,
     radius: int,
     priority: np.ndarray | None = None,
-    bucket_cap: int = 4096,
+    bucket_cap: int = 256,
 ) -> Clusters:
     """Single-linkage clusters of hashes within `radius`, one representative each.
 
@@ -517,9 +578,16 @@ def cluster_pairs(n: int, pairs: Pairs, priority: np.ndarray | None = None) -> t
     return label, representative
 
 
-def brute_force_pairs(hashes: Sequence[int] | np.ndarray, radius: int) -> set[tuple[int, int]]:
-    """Reference answer for tests and the benchmark's recall check on small inputs."""
+def brute_force_pairs(hashes: Sequence[int] | np.ndarray, radius: int, block: int = 1024) -> set[tuple[int, int]]:
+    """Reference answer (pairs of rows with distinct hashes within the radius) for tests and
+    the benchmark's recall check; blocked so 30k hashes need ~250 MB, not 7 GB."""
     h = np.asarray(hashes, dtype=np.uint64)
-    d = popcount(h[:, None] ^ h[None, :])
-    i, j = np.nonzero(np.triu(d <= radius, 1) & (h[:, None] != h[None, :]))
-    return set(zip(i.tolist(), j.tolist()))
+    out: set[tuple[int, int]] = set()
+    for start in range(0, len(h), block):
+        rows = h[start : start + block]
+        d = popcount(rows[:, None] ^ h[None, :])
+        hit = (d <= radius) & (rows[:, None] != h[None, :])
+        hit &= np.arange(len(h))[None, :] > np.arange(start, start + len(rows))[:, None]
+        i, j = np.nonzero(hit)
+        out.update(zip((i + start).tolist(), j.tolist()))
+    return out

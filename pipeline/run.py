@@ -7,6 +7,7 @@ again: outputs are deterministic, so the result equals an uninterrupted run.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import logging
@@ -25,6 +26,7 @@ from pipeline import ledger, storage
 from pipeline.config import ConfigError, RunConfig
 from pipeline.stages.base import apply_stage
 from pipeline.stages.decode import DecodeImages
+from pipeline.stages.dedup import Dedup
 from pipeline.stages.fetch import FetchImages
 from pipeline.stages.ingest import ReadManifests, ValidateManifestRows, count_manifest_rows
 from pipeline.stages.licenses import VerifyLicenses
@@ -69,9 +71,14 @@ def build_curated_graph(p: beam.Pipeline, cfg: RunConfig, policy: LicensePolicy)
     assets, rejected_rows = rows | "ValidateRows" >> ValidateManifestRows(cfg.validate)
     assets, rejected_license = apply_stage(assets, "VerifyLicenses", VerifyLicenses(policy))
     assets, rejected_fetch = apply_stage(assets, "FetchImages", FetchImages(cfg.fetch))
-    assets, rejected_decode = apply_stage(assets, "DecodeImages", DecodeImages(cfg.decode))
+    hash_kind = cfg.dedup.hash_kind if cfg.dedup.near else None
+    assets, rejected_decode = apply_stage(assets, "DecodeImages", DecodeImages(cfg.decode, hash_kind))
     assets = assets | "StageImages" >> beam.ParDo(StageImages(staging_dir(cfg.out)))
     rejections = [rejected_rows, rejected_license, rejected_fetch, rejected_decode]
+    if cfg.dedup.exact or cfg.dedup.near:
+        # semantic dedup needs CLIP embeddings: it runs in the alignment step
+        assets, rejected_dup = assets | "Dedup" >> Dedup(dataclasses.replace(cfg.dedup, semantic=False))
+        rejections.append(rejected_dup)
 
     _ = assets | "WriteCuratedStore" >> WriteCuratedStore(
         storage.join(cfg.out, "curated"), cfg.curated.samples_per_shard)
@@ -110,7 +117,7 @@ def _state_url(out: str, phase: str) -> str:
 
 
 PHASE_OUTPUTS = {"curated": ("curated", "ledger", "_work/staging")}
-PHASE_SECTIONS = {"curated": ("validate", "fetch", "decode", "curated")}
+PHASE_SECTIONS = {"curated": ("validate", "fetch", "decode", "curated", "dedup")}
 
 
 def _phase_done(out: str, phase: str, config_hash: str) -> dict[str, Any] | None:

@@ -36,14 +36,15 @@ def demo_dir() -> Path:
 
 @pytest.fixture()
 def tiny_corpus(tmp_path: Path) -> dict:
-    """12 real COCO rows (mixed licenses) plus every bad case of the demo, in tmp_path/corpus."""
+    """12 real COCO rows (mixed licenses), the originals the bad cases derive from, and every bad case."""
     corpus = tmp_path / "corpus"
     (corpus / "images").mkdir(parents=True)
     shutil.copytree(DEMO / "bad", corpus / "bad")
     coco = [r for r in demo_rows("coco.jsonl")]
     bad = demo_rows("bad-cases.jsonl")
     needed = {r["uri"] for r in bad if isinstance(r, dict) and str(r.get("uri", "")).startswith("images/")}
-    picked = coco[:12]
+    sources = {r.get("derived_from") for r in bad if isinstance(r, dict)}
+    picked = coco[:12] + [r for r in coco[12:] if r["asset_id"] in sources]  # originals of derived cases
     needed |= {r["uri"] for r in picked}
     for uri in sorted(needed):
         if (DEMO / uri).exists():

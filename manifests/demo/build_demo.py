@@ -122,6 +122,9 @@ def build(source_manifest: Path) -> None:
     files["panorama.jpg"] = save_jpeg(wide.crop((0, 0, 1000, 200)))
     small = open_img(c)
     files["near-duplicate.jpg"] = save_jpeg(small.resize((small.width * 7 // 10, small.height * 7 // 10)), quality=40)
+    mirrored = by_license[8:11]
+    for i, row in enumerate(mirrored):
+        files[f"mirrored-{i}.jpg"] = save_jpeg(open_img(row).transpose(Image.Transpose.FLIP_LEFT_RIGHT), quality=92)
     for name, data in files.items():
         (bad_dir / name).write_bytes(data)
 
@@ -160,9 +163,12 @@ def build(source_manifest: Path) -> None:
         "{\"asset_id\": \"bad-json\", \"uri\": ",  # a malformed line
         derived(h, "dup-exact", h["uri"], "same bytes as its source photo under a new id"),
         derived(c, "dup-near", "bad/near-duplicate.jpg", "70% resize + JPEG q40 of its source photo"),
-        derived(e, "mismatch-caption", e["uri"], "captions of a different photo",
-                captions=rows[-1]["captions"]),
     ]
+    for i, row in enumerate(mirrored):  # distinct pixels (a mirror image), captions of another photo
+        other = rows[-1 - i]
+        bad.append(derived(row, f"mismatch-caption-{i}", f"bad/mirrored-{i}.jpg",
+                           f"mirrored copy of {row['asset_id']} with the captions of {other['asset_id']}",
+                           captions=other["captions"]))
     lines = [r if isinstance(r, str) else json.dumps(r, sort_keys=True) for r in bad]
     (HERE / "bad-cases.jsonl").write_text("\n".join(lines) + "\n")
 

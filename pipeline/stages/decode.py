@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from pipeline import neardup
 from pipeline.config import DecodeConfig
 from pipeline.records import Asset, RejectReason
 from pipeline.stages.base import Reject, StageDoFn
@@ -33,6 +34,7 @@ class DecodedImage:
     width: int
     height: int
     mode: str
+    phash: str | None = None  # perceptual hash of the full frame (16 hex), for near-dedup
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -69,8 +71,12 @@ def _centre_square(img: Image.Image, size: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
-def decode_image(data: bytes, cfg: DecodeConfig) -> DecodedImage:
-    """Decode and normalise one image or raise `Reject` with the specific reason."""
+def decode_image(data: bytes, cfg: DecodeConfig, hash_kind: str | None = None) -> DecodedImage:
+    """Decode and normalise one image or raise `Reject` with the specific reason.
+
+    With `hash_kind` ("phash"/"dhash") the perceptual hash is taken from the whole frame,
+    before the centre crop, so resizes that change the aspect ratio still match.
+    """
     if not data:
         raise Reject(RejectReason.EMPTY_FILE, "zero-byte file")
     with warnings.catch_warnings():
@@ -119,11 +125,12 @@ def decode_image(data: bytes, cfg: DecodeConfig) -> DecodedImage:
             img.seek(0)
         img = ImageOps.exif_transpose(img)
         rgb = _to_rgb(img)
+    phash = neardup.hash_to_hex(neardup.image_hash(rgb, hash_kind)) if hash_kind else None
     square = _centre_square(rgb, cfg.resolution)
     pixels = square.tobytes()
     out = io.BytesIO()
     square.save(out, "JPEG", quality=cfg.jpeg_quality)
-    return DecodedImage(out.getvalue(), hashlib.sha256(pixels).hexdigest(), fmt, width, height, mode)
+    return DecodedImage(out.getvalue(), hashlib.sha256(pixels).hexdigest(), fmt, width, height, mode, phash)
 
 
 class DecodeImages(StageDoFn):
@@ -131,12 +138,13 @@ class DecodeImages(StageDoFn):
 
     stage = "decode"
 
-    def __init__(self, cfg: DecodeConfig):
+    def __init__(self, cfg: DecodeConfig, hash_kind: str | None = "phash"):
         super().__init__()
         self.cfg = cfg
+        self.hash_kind = hash_kind
 
     def handle(self, asset: Asset) -> Asset:
-        decoded = decode_image(asset.source_bytes or b"", self.cfg)
+        decoded = decode_image(asset.source_bytes or b"", self.cfg, self.hash_kind)
         return asset.replace(
             source_bytes=None,
             image=decoded.jpeg,
@@ -145,4 +153,5 @@ class DecodeImages(StageDoFn):
             source_width=decoded.width,
             source_height=decoded.height,
             source_mode=decoded.mode,
+            phash=decoded.phash,
         )

@@ -30,6 +30,7 @@ EXPECTED = {
     "bad-editorial-only": "USE_NOT_ALLOWED", "bad-caption-empty": "CAPTION_EMPTY",
     "bad-caption-long": "CAPTION_TOO_LONG", "bad-caption-not-text": "CAPTION_NOT_TEXT",
     "bad-bad-date": "BAD_DATE", "bad-type": "BAD_FIELD_TYPE",
+    "dup-exact": "EXACT_DUPLICATE", "dup-near": "NEAR_DUPLICATE",
 }
 
 
@@ -57,6 +58,9 @@ def test_every_reason_and_the_invariant(first_run):
         by_id.setdefault(row["asset_id"], []).append(row)
     for asset_id, reason in EXPECTED.items():
         assert [r["reason"] for r in by_id[asset_id]] == [reason], asset_id
+    for asset_id in ("dup-exact", "dup-near"):
+        (row,) = by_id[asset_id]
+        assert row["dup_of"] == row["cluster_id"] and [r["status"] for r in by_id[row["dup_of"]]] == ["kept"]
     malformed = [r for r in table if r["reason"] == "MALFORMED_ROW"]
     assert len(malformed) == 1 and malformed[0]["asset_id"] is None
     assert [r["reason"] for r in by_id["bad-no-uri"]] == ["MISSING_FIELD"]

@@ -1,0 +1,275 @@
+"""Core near-duplicate search: exactness against brute force, huge buckets, clusters, and
+what pHash does and does not catch on real photos (see docs/dedup.md)."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw, ImageEnhance, ImageFont
+
+from pipeline import neardup as nd
+
+ROOT = Path(__file__).resolve().parents[2]
+COCO = ROOT / "manifests" / "demo" / "images"
+NEARDUP = ROOT / "manifests" / "demo" / "neardup"
+RADIUS = 8  # DedupConfig default
+
+
+def _reference_pairs(h: np.ndarray, radius: int) -> set[tuple[int, int]]:
+    """Brute force over distinct values, reported as first rows (find_pairs' contract)."""
+    uniq, first = np.unique(h, return_index=True)
+    out = set()
+    for a, b in nd.brute_force_pairs(uniq, radius):
+        x, y = sorted((int(first[a]), int(first[b])))
+        out.add((x, y))
+    return out
+
+
+def _skewed_hashes(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Families of near copies, plus rows whose high or middle bits are zeroed (huge buckets)."""
+    base = rng.integers(0, np.iinfo(np.uint64).max, size=n // 10 + 1, dtype=np.uint64, endpoint=True)
+    h = base[rng.integers(0, len(base), n)]
+    for _ in range(6):
+        flip = rng.random(n) < 0.5
+        h[flip] ^= np.uint64(1) << rng.integers(0, 64, size=int(flip.sum())).astype(np.uint64)
+    skew = rng.random(n) < 0.3
+    h[skew] &= np.uint64(rng.choice([0x00000000FFFFFFFF, 0xFFFFFFFF00000000, 0x0000FFFFFFFF0000]))
+    return h
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("cap", [4, 64, 4096])
+def test_find_pairs_is_exact_against_brute_force(seed: int, cap: int) -> None:
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(200, 1500))
+    radius = int(rng.integers(1, 14))
+    h = _skewed_hashes(rng, n)
+    pairs = nd.find_pairs(h, radius, bucket_cap=cap)
+    got = set(zip(pairs.i.tolist(), pairs.j.tolist()))
+    assert got == _reference_pairs(h, radius)
+    assert len(got) == len(pairs)  # each pair once
+    assert np.all(pairs.distance <= radius) and np.all(pairs.distance >= 1)
+
+
+@pytest.mark.parametrize("radius", range(0, 17))
+def test_plan_satisfies_pigeonhole(radius: int) -> None:
+    """sum(t_i + 1) >= radius + 1 is what makes the banding exact; widths cover all 64 bits."""
+    for n in (10, 10_000, 1_000_000):
+        plan = nd.plan_bands(n, n, 64, radius)
+        if plan is None:
+            continue
+        assert sum(b.threshold + 1 for b in plan) >= radius + 1
+        assert sum(b.width for b in plan) == 64
+        assert [b.lo for b in plan] == list(np.cumsum([0] + [b.width for b in plan[:-1]]))
+
+
+def test_plan_at_scale_is_not_plain_pigeonhole() -> None:
+    """Plain r+1 banding at r=8 would use 7-bit bands (n/128 per bucket: quadratic at 1M)."""
+    plan = nd.plan_bands(1_000_000, 1_000_000, 64, 8)
+    assert plan is not None and min(b.width for b in plan) >= 20
+
+
+def test_huge_buckets_do_not_go_quadratic() -> None:
+    """3,000 identical blank hashes and 4,000 distinct hashes sharing one band value."""
+    rng = np.random.default_rng(7)
+    random_part = rng.integers(0, np.iinfo(np.uint64).max, size=8_000, dtype=np.uint64, endpoint=True)
+    blank = np.zeros(3_000, dtype=np.uint64)
+    skew = rng.integers(0, 1 << 42, size=4_000, dtype=np.uint64) | np.uint64(0x15 << 42)
+    copies = skew[:50] ^ np.uint64(0b1011)  # planted near copies inside the huge bucket
+    h = np.concatenate([random_part, blank, skew, copies])
+    stats = nd.SearchStats()
+    t0 = time.perf_counter()
+    pairs = nd.find_pairs(h, RADIUS, bucket_cap=64, stats=stats)
+    assert time.perf_counter() - t0 < 10
+    assert stats.huge_buckets >= 1 and stats.recursions >= 1
+    # all pairs inside the skewed bucket alone would be 8M comparisons
+    assert stats.candidates + stats.brute_force_pairs < 2_000_000, stats
+    assert set(zip(pairs.i.tolist(), pairs.j.tolist())) == _reference_pairs(h, RADIUS)
+    clusters = nd.cluster(h, RADIUS, bucket_cap=64)
+    blank_rows = np.arange(8_000, 11_000)
+    assert len(set(clusters.label[blank_rows].tolist())) == 1
+    skew_rows = np.arange(11_000, 11_050)
+    copy_rows = np.arange(15_000, 15_050)
+    assert np.all(clusters.label[skew_rows] == clusters.label[copy_rows])
+
+
+def test_connected_components_chain_and_representative() -> None:
+    # 0-1-2-3 chain, 4-5 pair, 6 alone
+    label = nd.connected_components(7, np.array([2, 0, 1, 5]), np.array([3, 1, 2, 4]))
+    assert label.tolist() == [0, 0, 0, 0, 4, 4, 6]
+    far, other = 0xFFFF000000000000, 0x0F0F0F0F00000000
+    h = np.array([0b0, 0b1, 0b11, 0b111, far, far | (1 << 20), other], dtype=np.uint64)
+    prio = np.array([5, 4, 0, 6, 2, 1, 3])
+    c = nd.cluster(h, 1, prio)
+    assert c.representative.tolist() == [2, 2, 2, 2, 5, 5, 6]
+    assert c.size.tolist() == [4, 4, 4, 4, 2, 2, 1]
+    assert c.distance_to_rep.tolist() == [2, 1, 0, 1, 1, 0, 0]
+    assert sorted(c.duplicates().tolist()) == [0, 1, 3, 4]
+
+
+def test_identical_hashes_cluster_without_pairs() -> None:
+    h = np.array([5, 5, 5, 9], dtype=np.uint64)
+    assert len(nd.find_pairs(h, 0)) == 0
+    c = nd.cluster(h, 0)
+    assert c.representative.tolist() == [0, 0, 0, 3]
+
+
+def test_hash_hex_roundtrip_matches_imagehash() -> None:
+    import imagehash
+
+    img = Image.open(sorted(COCO.glob("*.jpg"))[0]).convert("RGB")
+    value = nd.image_hash(img)
+    assert nd.hash_to_hex(value) == str(imagehash.phash(img))
+    assert nd.hex_to_hash(nd.hash_to_hex(value)) == value
+
+
+def test_cosine_pairs_matches_brute_force() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 16)).astype(np.float32)
+    x[100:110] = x[:10] + rng.normal(scale=0.01, size=(10, 16))
+    pairs = nd.cosine_pairs(x, 0.99, block=64)
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    sims = xn @ xn.T
+    ref = {(i, j) for i, j in zip(*np.nonzero(np.triu(sims >= 0.99, 1)))}
+    assert set(zip(pairs.i.tolist(), pairs.j.tolist())) == ref
+    assert {(i, i + 100) for i in range(10)} <= ref
+
+
+# --------------------------------------------------------------------------- real photos
+
+
+def _jpeg(img: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.convert("RGB").save(buf, format="JPEG", **kw)
+    return buf.getvalue()
+
+
+def _fmt(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def _crop(img: Image.Image, frac: float) -> Image.Image:
+    w, h = img.size
+    return img.crop((int(w * frac), int(h * frac), w - int(w * frac), h - int(h * frac)))
+
+
+def _watermark(img: Image.Image) -> Image.Image:
+    base = img.convert("RGBA")
+    layer = Image.new("RGBA", base.size, (0, 0, 0, 0))
+    draw = ImageDraw.Draw(layer)
+    size = max(12, base.size[0] // 12)
+    font = ImageFont.load_default(size=size)
+    for y in range(0, base.size[1], size * 3):
+        draw.text((size // 2, y), "(c) STOCKPHOTO", font=font, fill=(255, 255, 255, 110))
+    return Image.alpha_composite(base, layer).convert("RGB")
+
+
+CAUGHT = {  # transform -> minimum recall at radius 8 (measured: docs/dedup.md)
+    "resize_50": (lambda im: _jpeg(im.resize((im.width // 2, im.height // 2), Image.LANCZOS), quality=90), 1.0),
+    "resize_aspect": (lambda im: _jpeg(im.resize((300, 300), Image.LANCZOS), quality=90), 1.0),
+    "jpeg_q15": (lambda im: _jpeg(im, quality=15), 1.0),
+    "png": (lambda im: _fmt(im, "PNG"), 1.0),
+    "webp_q50": (lambda im: _fmt(im, "WEBP", quality=50), 1.0),
+    "grayscale": (lambda im: _jpeg(im.convert("L"), quality=90), 1.0),
+    "contrast_+30pct": (lambda im: _jpeg(ImageEnhance.Contrast(im).enhance(1.3), quality=90), 1.0),
+    "watermark_text": (lambda im: _jpeg(_watermark(im), quality=90), 1.0),
+    "brightness_+30pct": (lambda im: _jpeg(ImageEnhance.Brightness(im).enhance(1.3), quality=90), 0.9),
+    "crop_2pct": (lambda im: _jpeg(_crop(im, 0.02), quality=90), 0.9),
+}
+NOT_CAUGHT = {  # documented limits of pHash: the hash changes completely
+    "hflip": lambda im: _jpeg(im.transpose(Image.FLIP_LEFT_RIGHT), quality=90),
+    "rotate_90": lambda im: _jpeg(im.transpose(Image.ROTATE_90), quality=90),
+}
+
+
+@pytest.fixture(scope="module")
+def coco_sample() -> list[tuple[int, Image.Image]]:
+    """24 real photos, decoded small (the hash sees 32x32 anyway) to keep the test fast."""
+    out = []
+    for path in sorted(COCO.glob("*.jpg"))[::7][:24]:
+        data = path.read_bytes()
+        with Image.open(io.BytesIO(data)) as im:
+            im.draft("RGB", (320, 320))
+            img = im.convert("RGB")
+        out.append((nd.image_hash_from_bytes(_jpeg(img, quality=95)), img))
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(CAUGHT))
+def test_real_photo_transforms_caught(coco_sample, name: str) -> None:
+    edit, min_recall = CAUGHT[name]
+    d = np.array([int(nd.hamming(h, nd.image_hash_from_bytes(edit(img)))) for h, img in coco_sample])
+    assert np.mean(d <= RADIUS) >= min_recall, d.tolist()
+
+
+@pytest.mark.parametrize("name", sorted(NOT_CAUGHT))
+def test_real_photo_flips_and_rotations_are_not_caught(coco_sample, name: str) -> None:
+    edit = NOT_CAUGHT[name]
+    d = np.array([int(nd.hamming(h, nd.image_hash_from_bytes(edit(img)))) for h, img in coco_sample])
+    assert np.all(d > RADIUS), d.tolist()
+
+
+def test_distinct_real_photos_are_not_merged() -> None:
+    """All 167 COCO photos plus the UKBench distractors: no pair within the radius."""
+    hashes = []
+    for path in sorted(COCO.glob("*.jpg")):
+        hashes.append(nd.image_hash_from_bytes(path.read_bytes()))
+    rows = [json.loads(line) for line in (NEARDUP / "manifest.jsonl").read_text().splitlines() if line.strip()]
+    for r in rows:
+        if r["relation"] == "original":
+            hashes.append(nd.image_hash_from_bytes((NEARDUP / r["path"]).read_bytes()))
+    h = np.asarray(hashes, dtype=np.uint64)
+    assert len(np.unique(h)) == len(h)
+    assert len(nd.find_pairs(h, RADIUS)) == 0
+    assert len(np.unique(nd.cluster(h, RADIUS).label)) == len(h)
+
+
+def test_centre_crop_misses_aspect_changing_resize() -> None:
+    """Documented: hashing ingest's 256 px centre crop (not the full frame) loses a
+    300x300 squash of a 4:3 photo, while the full-frame hash keeps it within the radius."""
+    from pipeline.config import DecodeConfig
+    from pipeline.stages.decode import decode_image
+
+    rows = [json.loads(line) for line in (NEARDUP / "manifest.jsonl").read_text().splitlines() if line.strip()]
+    files = {r["relation"]: (NEARDUP / r["path"]).read_bytes() for r in rows if r["group_id"] == "ukbench00120"}
+    full = [nd.image_hash_from_bytes(files[k]) for k in ("original", "resize")]
+    crop = [nd.image_hash_from_bytes(decode_image(files[k], DecodeConfig()).jpeg) for k in ("original", "resize")]
+    assert int(nd.hamming(*full)) <= RADIUS
+    assert int(nd.hamming(*crop)) > RADIUS
+
+
+def test_imagededup_groups() -> None:
+    """resize / grayscale / RGBA PNG / WebP / misnamed copies are caught; hflip and rotation
+    are not (pHash is not flip or rotation invariant); the corrupt copy does not decode."""
+    rows = [json.loads(line) for line in (NEARDUP / "manifest.jsonl").read_text().splitlines() if line.strip()]
+    originals = {
+        r["group_id"]: nd.image_hash_from_bytes((NEARDUP / r["path"]).read_bytes())
+        for r in rows
+        if r["relation"] == "original"
+    }
+    expected_caught = {"resize", "grayscale", "rgba_png", "format_webp", "misnamed_extension"}
+    expected_missed = {"hflip", "rotation"}
+    seen = set()
+    for r in rows:
+        rel = r["relation"]
+        if rel == "original":
+            continue
+        data = (NEARDUP / r["path"]).read_bytes()
+        if rel == "corrupt":
+            with pytest.raises(Exception):
+                nd.image_hash_from_bytes(data)
+            continue
+        d = int(nd.hamming(originals[r["group_id"]], nd.image_hash_from_bytes(data)))
+        seen.add(rel)
+        if rel in expected_caught:
+            assert d <= RADIUS, (rel, d)
+        else:
+            assert rel in expected_missed and d > RADIUS, (rel, d)
+    assert seen == expected_caught | expected_missed
