@@ -52,20 +52,39 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     return replace(cfg, manifests=manifests, policy=policy, out=out)
 
 
+def score_summary(out: str) -> str | None:
+    """One line on the CLIP alignment scores in the ledger (None before alignment ran)."""
+    import numpy as np
+
+    from pipeline.ledger import read_ledger
+
+    table = read_ledger(out)
+    scores = np.array([v for v in table.column("clip_score").to_pylist() if v is not None], dtype=np.float64)
+    if scores.size == 0:
+        return None
+    removed = sum(1 for r in table.column("reason").to_pylist() if r == "LOW_ALIGNMENT")
+    q = np.quantile(scores, [0.0, 0.1, 0.5, 0.9, 1.0])
+    return (f"alignment: {scores.size} rows scored, {removed} removed (LOW_ALIGNMENT); clip_score "
+            f"min {q[0]:.3f}  p10 {q[1]:.3f}  median {q[2]:.3f}  p90 {q[3]:.3f}  max {q[4]:.3f}")
+
+
 def format_report(report: RunReport) -> str:
     s = report.summary
     lines = [
         f"outputs: {report.out}",
         f"  ledger:   {report.out}/ledger/   (one row per manifest row)",
-        f"  curated:  {report.out}/curated/  (webdataset tar + metadata Parquet)",
+        f"  curated:  {report.out}/curated/  (webdataset tar + metadata/embeddings Parquet)",
+        f"  models:   {report.out}/models/   index: {report.out}/index/ (FAISS + neighbours)",
         f"  run.json: {report.out}/run.json",
         "",
-        "phases: " + ", ".join(f"{p.name} ({'skipped, already complete' if p.skipped else f'{p.seconds:.1f}s'})"
-                               for p in report.phases),
+        "steps: " + ", ".join(f"{r.name} ({'skipped, already complete' if r.skipped else f'{r.seconds:.1f}s'})"
+                              for r in report.steps),
         f"rows in: {s.rows_in}   kept: {s.kept}   rejected: {s.rejected}   (invariant holds)",
-        "",
-        f"{'stage/reason':<40} {'rows':>6}",
     ]
+    scores = score_summary(report.out)
+    if scores:
+        lines.append(scores)
+    lines += ["", f"{'stage/reason':<40} {'rows':>6}"]
     for name, count in sorted(s.by_stage_reason.items(), key=lambda kv: (-kv[1], kv[0])):
         lines.append(f"{name:<40} {count:>6}")
     stage_counts = {k: v for k, v in report.counters.items() if k.endswith("/in") or k.endswith("/kept")}

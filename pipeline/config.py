@@ -19,6 +19,7 @@ import fsspec
 import yaml
 
 from pipeline import neardup
+from pipeline.retrieval import IndexConfig, NeighbourConfig
 
 
 class ConfigError(ValueError):
@@ -139,6 +140,78 @@ class DedupConfig:
 
 
 @dataclass(frozen=True)
+class ClipConfig:
+    """Which CLIP to use. `arch` is a built-in name (`cpu-tiny`, `cpu-small`), an open_clip
+    registry name (e.g. `ViT-B-32`), or a path/URL to a model-config JSON (open_clip layout or
+    the `clip.json` that `train_clip` writes). `weights` is a local path or fsspec URL to a
+    `.safetensors` file or a torch checkpoint; None means random init (tests only)."""
+
+    arch: str = "cpu-tiny"
+    weights: str | None = None
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    batch_size: int = 64
+    num_threads: int = 0  # torch intra-op threads on CPU; 0 = leave torch's default
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError("ClipConfig.batch_size must be >= 1")
+        if self.num_threads < 0:
+            raise ValueError("ClipConfig.num_threads must be >= 0")
+
+
+@dataclass(frozen=True)
+class ClipTrainConfig:
+    """How `curate train-clip` trains a CLIP on the curated corpus (all captions per image:
+    each time an image is drawn, one of its captions is sampled)."""
+
+    max_steps: int = 1000
+    max_minutes: float = 0.0  # 0 = no time budget
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    warmup_steps: int = 50
+    min_crop_scale: float = 0.6  # RandomResizedCrop lower bound; 1.0 disables cropping
+    shuffle_buffer: int = 512
+    checkpoint_every: int = 100
+    seed: int = 0
+    num_threads: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_steps < 1 or self.batch_size < 2:
+            raise ValueError("ClipTrainConfig needs max_steps >= 1 and batch_size >= 2")
+        if not 0.0 < self.min_crop_scale <= 1.0:
+            raise ValueError("ClipTrainConfig.min_crop_scale must be in (0, 1]")
+
+
+ALIGN_MODES = ("threshold", "top_fraction", "off")
+
+
+@dataclass(frozen=True)
+class AlignConfig:
+    """CLIP scoring and filtering. score = cosine(image, caption) reduced over the asset's
+    captions by `reduce` (`max`: some caption describes the image; `mean`: all do)."""
+
+    enabled: bool = True  # false: no CLIP at all (no scores, no embeddings, no retrieval index)
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    reduce: str = "max"
+    mode: str = "top_fraction"  # threshold | top_fraction | off
+    threshold: float = 0.25  # mode=threshold: keep score >= threshold (model-specific!)
+    keep_fraction: float = 0.9  # mode=top_fraction: keep the best-scoring fraction of the run
+    quantile_resolution: int = 1000  # top_fraction cut is exact to 1/resolution of the run
+
+    def __post_init__(self) -> None:
+        if self.reduce not in ("max", "mean"):
+            raise ValueError(f"AlignConfig.reduce must be max or mean, got {self.reduce!r}")
+        if self.mode not in ALIGN_MODES:
+            raise ValueError(f"AlignConfig.mode must be one of {ALIGN_MODES}, got {self.mode!r}")
+        if not 0.0 < self.keep_fraction <= 1.0:
+            raise ValueError("AlignConfig.keep_fraction must be in (0, 1]")
+        if self.quantile_resolution < 2:
+            raise ValueError("AlignConfig.quantile_resolution must be >= 2")
+
+
+@dataclass(frozen=True)
 class BeamConfig:
     """Runner flags; `options` pass straight to Beam's PipelineOptions (e.g. `--runner`)."""
 
@@ -167,6 +240,10 @@ class RunConfig:
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     curated: CuratedConfig = field(default_factory=CuratedConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
+    clip_train: ClipTrainConfig = field(default_factory=ClipTrainConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    neighbours: NeighbourConfig = field(default_factory=NeighbourConfig)
     beam: BeamConfig = field(default_factory=BeamConfig)
 
     def to_json(self) -> dict[str, Any]:
@@ -226,7 +303,9 @@ def from_dict(cls: type, data: Mapping[str, Any] | None, where: str = "config") 
     kwargs = {k: _coerce(hints[k], v, f"{where}.{k}") for k, v in data.items()}
     try:
         return cls(**kwargs)
-    except TypeError as exc:
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
         raise ConfigError(f"{where}: {exc}") from None
 
 

@@ -20,6 +20,8 @@ from typing import Any, Sequence
 import fsspec
 import numpy as np
 
+from pipeline import storage
+
 log = logging.getLogger(__name__)
 
 INDEX_FILE = "faiss.index"
@@ -36,9 +38,10 @@ class IndexConfig:
     memory_budget_bytes: int = 4 * 1024**3
     exact_max_vectors: int = 50_000  # below this, exact search is fast enough: use flat IP
     nlist: int = 0  # IVF lists; 0 = 4·sqrt(n)
-    nprobe: int = 0  # IVF lists probed per query; 0 = max(16, nlist/16)
+    nprobe: int = 0  # IVF lists probed per query; 0 = max(16, nlist/40)
     hnsw_m: int = 32
-    hnsw_ef_search: int = 128
+    hnsw_ef_construction: int = 128
+    hnsw_ef_search: int = 256
     seed: int = 0
     deterministic: bool = True  # single-threaded HNSW insertion so a rebuild is identical
 
@@ -105,7 +108,7 @@ def choose_index(n: int, dim: int, cfg: IndexConfig) -> dict[str, Any]:
     flat_bytes = n * dim * 4
     nlist = cfg.nlist or int(min(65536, max(16, round(4 * math.sqrt(n)))))
     nlist = max(1, min(nlist, n // 39 or 1))  # FAISS wants ~39 training points per list
-    nprobe = cfg.nprobe or max(16, nlist // 16)
+    nprobe = cfg.nprobe or max(16, nlist // 40)
     kind = cfg.kind
     if kind == "auto":
         if n <= cfg.exact_max_vectors and flat_bytes <= cfg.memory_budget_bytes:
@@ -124,7 +127,7 @@ def choose_index(n: int, dim: int, cfg: IndexConfig) -> dict[str, Any]:
         if n * (m + 8) > cfg.memory_budget_bytes:
             raise ValueError(f"{n} vectors do not fit in {cfg.memory_budget_bytes} bytes even as PQ codes")
     if kind == "hnsw":
-        params.update(hnsw_m=cfg.hnsw_m, ef_search=cfg.hnsw_ef_search)
+        params.update(hnsw_m=cfg.hnsw_m, ef_construction=cfg.hnsw_ef_construction, ef_search=cfg.hnsw_ef_search)
     return params
 
 
@@ -136,6 +139,7 @@ def _make_index(params: dict[str, Any], vectors: np.ndarray, seed: int, determin
         index = faiss.IndexFlatIP(dim)
     elif kind == "hnsw":
         index = faiss.IndexHNSWFlat(dim, params["hnsw_m"], faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = params["ef_construction"]
         index.hnsw.efSearch = params["ef_search"]
     else:
         quantizer = faiss.IndexFlatIP(dim)
@@ -160,15 +164,6 @@ def _make_index(params: dict[str, Any], vectors: np.ndarray, seed: int, determin
 
 
 # ------------------------------------------------------------------------------ build/load
-
-
-def atomic_write_bytes(url: str, data: bytes) -> None:
-    """Atomic write: a reader never sees half an index."""
-    fs, path = fsspec.core.url_to_fs(url)
-    tmp = f"{path}.tmp-{random.getrandbits(32):08x}"
-    with fs.open(tmp, "wb") as f:
-        f.write(data)
-    fs.mv(tmp, path)
 
 
 def build_index(
@@ -203,7 +198,7 @@ def build_index(
     out_dir = out_dir.rstrip("/")
     fs, path = fsspec.core.url_to_fs(out_dir)
     fs.makedirs(path, exist_ok=True)
-    atomic_write_bytes(f"{out_dir}/{INDEX_FILE}", blob)
+    storage.write_bytes(f"{out_dir}/{INDEX_FILE}", blob)
     table = pa.table({
         "row": pa.array(range(n), pa.int64()),
         "key": pa.array([keys[i] for i in order], pa.string()),
@@ -212,10 +207,10 @@ def build_index(
     })
     buf = io.BytesIO()
     pq.write_table(table, buf)
-    atomic_write_bytes(f"{out_dir}/{IDS_FILE}", buf.getvalue())
+    storage.write_bytes(f"{out_dir}/{IDS_FILE}", buf.getvalue())
     info = dict(params, config=asdict(cfg), index_sha256=hashlib.sha256(blob).hexdigest(),
                 index_bytes=len(blob))
-    atomic_write_bytes(f"{out_dir}/{INFO_FILE}", json.dumps(info, indent=2, sort_keys=True).encode())
+    storage.write_bytes(f"{out_dir}/{INFO_FILE}", json.dumps(info, indent=2, sort_keys=True).encode())
     log.info("built %s index over %d documents (%d bytes) in %s", params["kind"], n, len(blob), out_dir)
     return info
 
@@ -281,8 +276,9 @@ def _pick(
     cand_rows: np.ndarray,
     cand_scores: np.ndarray,
     cfg: NeighbourConfig,
-) -> list[tuple[str, float]]:
-    """Apply the rules to one query's candidates (already sorted best first)."""
+) -> tuple[list[tuple[str, float]], bool]:
+    """Apply the rules to one query's candidates (sorted best first). Also says whether the
+    answer is final: k found, all image+text when that is preferred (else widen the search)."""
     eligible: list[tuple[int, float]] = []
     for row, score in zip(cand_rows.tolist(), cand_scores.tolist()):
         if row < 0:
@@ -305,7 +301,9 @@ def _pick(
         out.append((str(loaded.keys[row]), float(score)))
         if len(out) == cfg.k:
             break
-    return out
+    final = len(out) == cfg.k and (not cfg.prefer_multimodal
+                                   or all(loaded.multimodal[eligible[i][0]] for i in chosen))
+    return out, final
 
 
 def select_neighbours(
@@ -319,7 +317,8 @@ def select_neighbours(
     CM3leon's rules: never the document itself, never a member of its dedup cluster, never
     a candidate scoring > `max_score`, never one >= `max_pair_similarity` to a neighbour
     already chosen; image+text documents first. Deterministic: ties break by key, and the
-    search widens (doubling) until k are found or the whole index was seen."""
+    search widens (doubling) until k image+text neighbours are found, or the whole index
+    (at most `max_search_width` candidates) was seen; then one-modality ones fill up."""
     queries = np.ascontiguousarray(np.asarray(queries, dtype=np.float32))
     n = loaded.index.ntotal
     results: list[list[tuple[str, float]] | None] = [None] * len(queries)
@@ -330,8 +329,8 @@ def select_neighbours(
         next_todo = []
         for j, q in enumerate(todo):
             order = sorted(range(width), key=lambda c: (-scores[j, c], str(loaded.keys[rows[j, c]]) if rows[j, c] >= 0 else ""))
-            picked = _pick(loaded, str(keys[q]), cluster_ids[q], rows[j, order], scores[j, order], cfg)
-            if len(picked) < cfg.k and width < min(n, cfg.max_search_width):
+            picked, final = _pick(loaded, str(keys[q]), cluster_ids[q], rows[j, order], scores[j, order], cfg)
+            if not final and width < min(n, cfg.max_search_width):
                 next_todo.append(q)
             results[q] = picked
         todo = next_todo

@@ -1,8 +1,16 @@
-"""Run assembly: build each phase's Beam graph, skip phases already done, record the run.
+"""Run assembly: the steps of a run, their Beam graphs, resume, and the run record.
 
-A phase is done when `OUT/_state/<phase>.json` exists with the same config hash; an
-interrupted phase has no state file, so a rerun clears that phase's outputs and runs it
-again: outputs are deterministic, so the result equals an uninterrupted run.
+Steps run in order; each belongs to a user-facing phase (`--until`):
+
+    curated  prepare (A–B: ingest, license gate, fetch, decode, exact/near dedup)
+             clip    (train the licensed-lineage CLIP, unless weights are configured)
+             align   (C: CLIP scores, alignment filter, semantic dedup, curated store, ledger)
+    index    index   (E: FAISS index over document embeddings + neighbour table)
+
+A step is done when `OUT/_state/<step>.json` holds the same config hash; the hash chains
+the hashes of the steps before it, so changing an upstream setting reruns everything
+downstream. An interrupted step has no state file: a rerun deletes its outputs and runs
+it again, and since outputs are deterministic the result equals an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -10,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import hashlib
+import json
 import logging
 import os
 import platform
@@ -24,24 +33,25 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from manifests.policy import LicensePolicy, load_policy
 from pipeline import ledger, storage
 from pipeline.config import ConfigError, RunConfig
-from pipeline.stages.base import apply_stage
+from pipeline.stages.base import REJECTED, apply_stage
 from pipeline.stages.decode import DecodeImages
-from pipeline.stages.dedup import Dedup
+from pipeline.stages.dedup import Dedup, DedupSemantic
 from pipeline.stages.fetch import FetchImages
 from pipeline.stages.ingest import ReadManifests, ValidateManifestRows, count_manifest_rows
 from pipeline.stages.licenses import VerifyLicenses
-from pipeline.stages.store import StageImages, WriteCuratedStore
+from pipeline.stages.store import ReadCuratedStore, StageImages, WriteCuratedStore
 
 log = logging.getLogger(__name__)
 
-PHASES = ("curated",)
+PHASES = ("curated", "index")
 PACKAGES = ("apache-beam", "pyarrow", "pillow", "numpy", "torch", "torchvision", "open-clip-torch",
             "faiss-cpu", "tokenizers", "safetensors", "webdataset", "imagehash", "fsspec")
 
 
 @dataclass
-class PhaseResult:
+class StepResult:
     name: str
+    phase: str
     skipped: bool
     seconds: float
     info: dict[str, Any] = field(default_factory=dict)
@@ -50,9 +60,32 @@ class PhaseResult:
 @dataclass
 class RunReport:
     out: str
-    phases: list[PhaseResult]
+    steps: list[StepResult]
     summary: ledger.LedgerSummary
     counters: dict[str, int]
+
+
+@dataclass(frozen=True)
+class RunContext:
+    cfg: RunConfig
+    policy: LicensePolicy
+    options: PipelineOptions
+
+    @property
+    def out(self) -> str:
+        return self.cfg.out
+
+    def path(self, *parts: str) -> str:
+        return storage.join(self.cfg.out, *parts)
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    phase: str
+    sections: tuple[str, ...]  # config sections that change this step's outputs
+    outputs: tuple[str, ...]  # folders under OUT owned (and cleared) by this step
+    action: Callable[[RunContext], tuple[dict[str, int], dict[str, Any]]]
 
 
 def beam_options(cfg: RunConfig, extra_flags: Sequence[str] = ()) -> PipelineOptions:
@@ -63,34 +96,6 @@ def beam_options(cfg: RunConfig, extra_flags: Sequence[str] = ()) -> PipelineOpt
         flags += [f"--direct_num_workers={workers}", f"--direct_running_mode={cfg.beam.direct_running_mode}"]
     flags += list(cfg.beam.options) + list(extra_flags)
     return PipelineOptions(flags)
-
-
-def build_curated_graph(p: beam.Pipeline, cfg: RunConfig, policy: LicensePolicy) -> None:
-    """Phase A–C: manifests -> validated, licensed, fetched, decoded assets -> curated store + ledger."""
-    rows = p | "ReadManifests" >> ReadManifests(cfg.manifests)
-    assets, rejected_rows = rows | "ValidateRows" >> ValidateManifestRows(cfg.validate)
-    assets, rejected_license = apply_stage(assets, "VerifyLicenses", VerifyLicenses(policy))
-    assets, rejected_fetch = apply_stage(assets, "FetchImages", FetchImages(cfg.fetch))
-    hash_kind = cfg.dedup.hash_kind if cfg.dedup.near else None
-    assets, rejected_decode = apply_stage(assets, "DecodeImages", DecodeImages(cfg.decode, hash_kind))
-    assets = assets | "StageImages" >> beam.ParDo(StageImages(staging_dir(cfg.out)))
-    rejections = [rejected_rows, rejected_license, rejected_fetch, rejected_decode]
-    if cfg.dedup.exact or cfg.dedup.near:
-        # semantic dedup needs CLIP embeddings: it runs in the alignment step
-        assets, rejected_dup = assets | "Dedup" >> Dedup(dataclasses.replace(cfg.dedup, semantic=False))
-        rejections.append(rejected_dup)
-
-    _ = assets | "WriteCuratedStore" >> WriteCuratedStore(
-        storage.join(cfg.out, "curated"), cfg.curated.samples_per_shard)
-    kept_rows = assets | "KeptRows" >> beam.Map(ledger.kept_row)
-    rejected_rows_all = (
-        tuple(rejections) | "FlattenRejected" >> beam.Flatten() | "RejectedRows" >> beam.Map(ledger.rejected_row)
-    )
-    _ = (kept_rows, rejected_rows_all) | "AllLedgerRows" >> beam.Flatten() | "WriteLedger" >> ledger.WriteLedger(cfg.out)
-
-
-def staging_dir(out: str) -> str:
-    return storage.join(out, "_work", "staging")
 
 
 def _counters(result: Any) -> dict[str, int]:
@@ -112,24 +117,179 @@ def run_beam(build: Callable[[beam.Pipeline], None], options: PipelineOptions) -
     return _counters(result)
 
 
-def _state_url(out: str, phase: str) -> str:
-    return storage.join(out, "_state", f"{phase}.json")
+# ----------------------------------------------------------------------------- paths
+
+PREPARED = "_work/prepared"
+STAGING = "_work/staging"
 
 
-PHASE_OUTPUTS = {"curated": ("curated", "ledger", "_work/staging")}
-PHASE_SECTIONS = {"curated": ("validate", "fetch", "decode", "curated", "dedup")}
+def clip_config(ctx: RunContext):
+    """The CLIP the align/index steps use: the configured weights, or the one trained here."""
+    clip = ctx.cfg.align.clip
+    if clip.weights:
+        return clip
+    return dataclasses.replace(clip, weights=ctx.path("models", "clip", "clip.safetensors"))
 
 
-def _phase_done(out: str, phase: str, config_hash: str) -> dict[str, Any] | None:
-    url = _state_url(out, phase)
+# ----------------------------------------------------------------------------- step: prepare
+
+
+def build_prepare_graph(p: beam.Pipeline, ctx: RunContext) -> None:
+    """A–B: manifests -> validated, licensed, fetched, decoded, deduplicated assets."""
+    cfg = ctx.cfg
+    rows = p | "ReadManifests" >> ReadManifests(cfg.manifests)
+    assets, rejected_rows = rows | "ValidateRows" >> ValidateManifestRows(cfg.validate)
+    assets, rejected_license = apply_stage(assets, "VerifyLicenses", VerifyLicenses(ctx.policy))
+    assets, rejected_fetch = apply_stage(assets, "FetchImages", FetchImages(cfg.fetch))
+    hash_kind = cfg.dedup.hash_kind if cfg.dedup.near else None
+    assets, rejected_decode = apply_stage(assets, "DecodeImages", DecodeImages(cfg.decode, hash_kind))
+    # pixels go to the staging area so that the shuffles below carry small records only
+    assets = assets | "StageImages" >> beam.ParDo(StageImages(ctx.path(STAGING)))
+    rejections = [rejected_rows, rejected_license, rejected_fetch, rejected_decode]
+    if cfg.dedup.exact or cfg.dedup.near:
+        # semantic dedup needs CLIP embeddings: it runs in the align step
+        assets, rejected_dup = assets | "Dedup" >> Dedup(dataclasses.replace(cfg.dedup, semantic=False))
+        rejections.append(rejected_dup)
+    _ = assets | "WritePrepared" >> WriteCuratedStore(ctx.path(PREPARED), cfg.curated.samples_per_shard)
+    _write_ledger(assets, rejections, storage.join(ctx.path(PREPARED)), stage="prepared")
+
+
+def _write_ledger(kept, rejections, out: str, stage: str, earlier=None) -> None:
+    kept_rows = kept | "KeptRows" >> beam.Map(ledger.kept_row, stage)
+    parts = [kept_rows]
+    if rejections:
+        parts.append(tuple(rejections) | "FlattenRejected" >> beam.Flatten()
+                     | "RejectedRows" >> beam.Map(ledger.rejected_row))
+    if earlier is not None:
+        parts.append(earlier)
+    _ = tuple(parts) | "AllLedgerRows" >> beam.Flatten() | "WriteLedger" >> ledger.WriteLedger(out)
+
+
+def step_prepare(ctx: RunContext):
+    counters = run_beam(lambda p: build_prepare_graph(p, ctx), ctx.options)
+    storage.remove_tree(ctx.path(STAGING))
+    index = storage.read_json(ctx.path(PREPARED, "index.json"))
+    return counters, {"samples": index["samples"], "shards": len(index["shards"])}
+
+
+# ----------------------------------------------------------------------------- step: clip
+
+
+def step_clip(ctx: RunContext):
+    clip = ctx.cfg.align.clip
+    if not ctx.cfg.align.enabled:
+        return {}, {"skipped": "align.enabled is false"}
+    if clip.weights:
+        return {}, {"weights": clip.weights, "trained": False}
+    from pipeline.clip import train_clip
+
+    shards = storage.list_files(ctx.path(PREPARED), "images-*.tar")
+    if not shards:
+        raise RuntimeError("no curated images to train the CLIP on: every row was rejected before alignment")
+    info = train_clip(clip, ctx.cfg.clip_train, shards, ctx.path("models", "clip"))
+    return {}, {"trained": True, **{k: v for k, v in info.items() if isinstance(v, (int, float, str, bool))}}
+
+
+# ----------------------------------------------------------------------------- step: align
+
+
+def _earlier_rejections(prepared_ledger_dir: str):
+    """The prepare step's ledger rows that are already final (rejected)."""
+    import pyarrow.parquet as pq
+    import fsspec
+
+    for url in storage.list_files(prepared_ledger_dir, "ledger-*.parquet"):
+        with fsspec.open(url, "rb") as handle:
+            for row in pq.read_table(handle, schema=ledger.LEDGER_SCHEMA).to_pylist():
+                if row["status"] == "rejected":
+                    yield row
+
+
+def build_align_graph(p: beam.Pipeline, ctx: RunContext) -> None:
+    """C: score every prepared asset with CLIP, filter, (semantic dedup), write the store."""
+    from pipeline.stages.align import FilterAlignment, KeptEmbeddings, ScoreAlignment, WriteEmbeddings
+
+    cfg = ctx.cfg
+    assets = p | "ReadPrepared" >> ReadCuratedStore(ctx.path(PREPARED))
+    earlier = p | "PreparedLedger" >> beam.Create([ctx.path(PREPARED, "ledger")]) \
+        | "EarlierRejections" >> beam.FlatMap(_earlier_rejections)
+    curated = ctx.path("curated")
+    if not cfg.align.enabled:
+        kept = assets | "StageImages" >> beam.ParDo(StageImages(ctx.path(STAGING)))
+        _ = kept | "WriteCurated" >> WriteCuratedStore(curated, cfg.curated.samples_per_shard)
+        _write_ledger(kept, [], ctx.out, stage="curated", earlier=earlier)
+        return
+    align_cfg = dataclasses.replace(cfg.align, clip=clip_config(ctx))
+    scored = assets | "ScoreAlignment" >> ScoreAlignment(align_cfg)
+    staged = scored.kept | "StageImages" >> beam.ParDo(StageImages(ctx.path(STAGING)))
+    filtered = staged | "FilterAlignment" >> FilterAlignment(align_cfg)
+    kept = filtered.kept
+    rejections = [scored[REJECTED], filtered[REJECTED]]
+    if cfg.dedup.semantic:
+        vectors = scored.embeddings | "ImageVectors" >> beam.Map(
+            lambda r: (r["asset_id"], r["image_emb"].astype("float32")))
+        kept, rejected_sem = kept | "DedupSemantic" >> DedupSemantic(cfg.dedup, vectors)
+        rejections.append(rejected_sem)
+    _ = kept | "WriteCurated" >> WriteCuratedStore(curated, cfg.curated.samples_per_shard)
+    shards = max(1, len(storage.list_files(ctx.path(PREPARED), "images-*.tar")))
+    _ = (scored.embeddings | "KeptEmbeddings" >> KeptEmbeddings(kept)
+         | "WriteEmbeddings" >> WriteEmbeddings(curated, num_shards=shards))
+    _write_ledger(kept, rejections, ctx.out, stage="curated", earlier=earlier)
+
+
+def step_align(ctx: RunContext):
+    counters = run_beam(lambda p: build_align_graph(p, ctx), ctx.options)
+    storage.remove_tree(ctx.path(STAGING))
+    index = storage.read_json(ctx.path("curated", "index.json"))
+    weights = clip_config(ctx).weights if ctx.cfg.align.enabled else None
+    return counters, {"samples": index["samples"], "shards": len(index["shards"]), "clip_weights": weights}
+
+
+# ----------------------------------------------------------------------------- step: index
+
+
+def build_neighbours_graph(p: beam.Pipeline, ctx: RunContext) -> None:
+    from pipeline.stages.index import ComputeNeighbours, NeighboursConfig, ReadEmbeddingRows, WriteNeighbours
+
+    cfg = NeighboursConfig(index_dir=ctx.path("index"), rules=ctx.cfg.neighbours, clip=clip_config(ctx))
+    pattern = storage.join(ctx.path("curated"), "embeddings-*.parquet")
+    _ = (p | "ReadEmbeddings" >> ReadEmbeddingRows(pattern)
+         | "ComputeNeighbours" >> ComputeNeighbours(cfg)
+         | "WriteNeighbours" >> WriteNeighbours(ctx.path("index")))
+
+
+def step_index(ctx: RunContext):
+    from pipeline.retrieval import build_index_from_embeddings
+
+    urls = storage.list_files(ctx.path("curated"), "embeddings-*.parquet")
+    if not urls:
+        raise RuntimeError("no embeddings to index: the curated store is empty")
+    info = build_index_from_embeddings(urls, ctx.path("index"), ctx.cfg.index)
+    counters = run_beam(lambda p: build_neighbours_graph(p, ctx), ctx.options)
+    return counters, {k: v for k, v in info.items() if isinstance(v, (int, float, str, bool))}
+
+
+STEPS: tuple[Step, ...] = (
+    Step("prepare", "curated", ("validate", "fetch", "decode", "curated", "dedup"), (PREPARED, STAGING), step_prepare),
+    Step("clip", "curated", ("align", "clip_train"), ("models/clip",), step_clip),
+    Step("align", "curated", ("align", "dedup", "curated"), ("curated", "ledger", STAGING), step_align),
+    Step("index", "index", ("index", "neighbours"), ("index",), step_index),
+)
+
+
+# ----------------------------------------------------------------------------- run
+
+
+def _state_url(out: str, step: str) -> str:
+    return storage.join(out, "_state", f"{step}.json")
+
+
+def _step_done(out: str, step: str, config_hash: str) -> dict[str, Any] | None:
+    url = _state_url(out, step)
     if not storage.exists(url):
         return None
     state = storage.read_json(url)
     return state if state.get("config_hash") == config_hash else None
-
-
-def _manifest_digests(urls: Sequence[str]) -> dict[str, str]:
-    return {url: storage.file_sha256(url) for url in urls}
 
 
 def package_versions() -> dict[str, str]:
@@ -142,47 +302,54 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def run(cfg: RunConfig, until: str = PHASES[-1], beam_flags: Sequence[str] = ()) -> RunReport:
-    """Run phases up to `until`, skipping those already complete for this config."""
+    """Run the steps of every phase up to `until`, skipping those already complete."""
     if not cfg.manifests:
         raise ConfigError("no manifests: pass --manifest URL or set `manifests` in the config")
     if not cfg.policy:
         raise ConfigError("no license policy: pass --policy FILE or set `policy` in the config")
     if until not in PHASES:
         raise ConfigError(f"--until must be one of {PHASES}, got {until!r}")
+    if PHASES.index(until) >= PHASES.index("index") and not cfg.align.enabled:
+        raise ConfigError("the retrieval index needs CLIP embeddings: set align.enabled or run --until curated")
     policy = load_policy(cfg.policy)
-    digests = _manifest_digests(cfg.manifests)
-    options = beam_options(cfg, beam_flags)
-    phases: list[PhaseResult] = []
+    digests = {url: storage.file_sha256(url) for url in cfg.manifests}
+    ctx = RunContext(cfg, policy, beam_options(cfg, beam_flags))
+    results: list[StepResult] = []
     counters: dict[str, int] = {}
-    policy_digest = hashlib.sha256(repr(sorted(policy.to_json().items())).encode()).hexdigest()[:16]
+    chain = _digest({"policy": policy.to_json(), "manifests": digests, "seed": cfg.seed})
+    data = cfg.to_json()
+    last = PHASES.index(until)
+    upstream_ran = False
 
-    for phase in PHASES[: PHASES.index(until) + 1]:
-        config_hash = hashlib.sha256(
-            (cfg.phase_hash(*PHASE_SECTIONS[phase]) + policy_digest + repr(sorted(digests.items()))).encode()
-        ).hexdigest()[:16]
+    for step in STEPS:
+        if PHASES.index(step.phase) > last:
+            break
+        chain = _digest({"previous": chain, "step": step.name, **{s: data[s] for s in step.sections}})
         started = time.monotonic()
-        state = _phase_done(cfg.out, phase, config_hash)
+        state = None if upstream_ran else _step_done(cfg.out, step.name, chain)
         if state is not None:
-            log.info("phase %s: already complete for config %s, skipping", phase, config_hash)
+            log.info("step %s: already complete (config %s), skipping", step.name, chain)
             counters.update(state.get("counters", {}))
-            phases.append(PhaseResult(phase, True, 0.0, state.get("info", {})))
+            results.append(StepResult(step.name, step.phase, True, 0.0, state.get("info", {})))
             continue
-        log.info("phase %s: running (config %s)", phase, config_hash)
-        for name in PHASE_OUTPUTS[phase]:
-            storage.remove_tree(storage.join(cfg.out, name))
-        info: dict[str, Any] = {}
-        if phase == "curated":
-            phase_counters = run_beam(lambda p: build_curated_graph(p, cfg, policy), options)
-        if phase == "curated":
-            storage.remove_tree(staging_dir(cfg.out))
-        counters.update(phase_counters)
+        log.info("step %s: running (config %s)", step.name, chain)
+        storage.remove_tree(_state_url(cfg.out, step.name))
+        for name in step.outputs:
+            storage.remove_tree(ctx.path(name))
+        upstream_ran = True  # a rerun step's outputs are rewritten: everything after it reruns too
+        step_counters, info = step.action(ctx)
+        counters.update(step_counters)
         seconds = time.monotonic() - started
-        storage.write_json(_state_url(cfg.out, phase), {
-            "phase": phase, "config_hash": config_hash, "seconds": round(seconds, 3),
-            "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(), "counters": phase_counters, "info": info,
+        storage.write_json(_state_url(cfg.out, step.name), {
+            "step": step.name, "phase": step.phase, "config_hash": chain, "seconds": round(seconds, 3),
+            "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(), "counters": step_counters, "info": info,
         })
-        phases.append(PhaseResult(phase, False, seconds, info))
+        results.append(StepResult(step.name, step.phase, False, seconds, info))
 
     rows_in = sum(count_manifest_rows(url) for url in cfg.manifests)
     summary = ledger.check_invariant(cfg.out, rows_in)
@@ -191,9 +358,8 @@ def run(cfg: RunConfig, until: str = PHASES[-1], beam_flags: Sequence[str] = ())
         "policy": policy.to_json(),
         "manifests": digests,
         "packages": package_versions(),
-        "phases": [{"name": p.name, "skipped": p.skipped, "seconds": round(p.seconds, 3), "info": p.info}
-                   for p in phases],
+        "steps": [dataclasses.asdict(r) | {"seconds": round(r.seconds, 3)} for r in results],
         "counters": counters,
         "ledger": summary.to_json(),
     })
-    return RunReport(cfg.out, phases, summary, counters)
+    return RunReport(cfg.out, results, summary, counters)

@@ -9,10 +9,8 @@ the curated images as float16 Parquet (layout in docs/alignment.md).
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
-from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import apache_beam as beam
@@ -21,7 +19,9 @@ from apache_beam.metrics import Metrics
 from apache_beam.transforms.stats import ApproximateQuantiles
 from apache_beam.utils import shared
 
-from pipeline.clip import ClipConfig, ClipEmbedder, caption_scores, document_embedding, reduce_scores, text_embedding
+from pipeline import storage
+from pipeline.config import AlignConfig, ClipConfig
+from pipeline.clip import ClipEmbedder, caption_scores, document_embedding, reduce_scores, text_embedding
 from pipeline.records import Asset, RejectReason
 from pipeline.stages.base import REJECTED, Reject, StageCounters, StageDoFn
 
@@ -30,35 +30,6 @@ log = logging.getLogger(__name__)
 EMBEDDINGS = "embeddings"
 SCORE_STAGE = "clip"
 FILTER_STAGE = "align"
-MODES = ("threshold", "top_fraction", "off")
-
-
-@dataclass(frozen=True)
-class AlignConfig:
-    """CLIP scoring and filtering. score = cosine(image, caption) reduced over the asset's
-    captions by `reduce` (`max`: some caption describes the image; `mean`: all do)."""
-
-    clip: ClipConfig = field(default_factory=ClipConfig)
-    reduce: str = "max"
-    mode: str = "top_fraction"  # threshold | top_fraction | off
-    threshold: float = 0.25  # mode=threshold: keep score >= threshold (model-specific!)
-    keep_fraction: float = 0.9  # mode=top_fraction: keep the best-scoring fraction of the run
-    quantile_resolution: int = 1000  # top_fraction cut is exact to 1/resolution of the run
-
-    def __post_init__(self) -> None:
-        if self.reduce not in ("max", "mean"):
-            raise ValueError(f"AlignConfig.reduce must be max or mean, got {self.reduce!r}")
-        if self.mode not in MODES:
-            raise ValueError(f"AlignConfig.mode must be one of {MODES}, got {self.mode!r}")
-        if not 0.0 < self.keep_fraction <= 1.0:
-            raise ValueError("AlignConfig.keep_fraction must be in (0, 1]")
-        if self.quantile_resolution < 2:
-            raise ValueError("AlignConfig.quantile_resolution must be >= 2")
-
-
-def curated_key(asset_id: str) -> str:
-    """The 16-hex key of an asset in the curated store (stable across re-partitioning)."""
-    return hashlib.sha256(asset_id.encode("utf-8")).hexdigest()[:16]
 
 
 class _SharedEmbedder:
@@ -80,22 +51,23 @@ class _ScoreBatch(beam.DoFn):
 
     def setup(self) -> None:
         tag = f"clip:{self.cfg.clip.arch}:{self.cfg.clip.weights}:{self.cfg.clip.device}"
-        self.embedder = self._shared.acquire(lambda: _SharedEmbedder(self.cfg.clip), tag=tag).embedder
+        self._holder = self._shared.acquire(lambda: _SharedEmbedder(self.cfg.clip), tag=tag)  # keeps it alive
+        self.embedder = self._holder.embedder
         self.counters = StageCounters(SCORE_STAGE)
         self.score_dist = Metrics.distribution(SCORE_STAGE, "score_x1000")
+        self.batch_sizes = Metrics.distribution(SCORE_STAGE, "batch_size")
 
     def _reject(self, asset: Asset, reason: RejectReason, detail: str):
         self.counters.rejected(reason)
         return beam.pvalue.TaggedOutput(REJECTED, asset.reject(SCORE_STAGE, reason, detail[:2000]))
 
     def process(self, batch: list[Asset]) -> Iterable:
+        self.batch_sizes.update(len(batch))
         ready: list[tuple[Asset, Any]] = []
         for asset in batch:
             self.counters.seen.inc()
             try:
-                if not asset.image:
-                    raise ValueError("asset has no normalised image")
-                ready.append((asset, self.embedder.prepare_image(asset.image)))
+                ready.append((asset, self.embedder.prepare_image(asset.image_bytes())))
             except Exception as exc:  # noqa: BLE001 - contract: errors become ledger rows
                 yield self._reject(asset, RejectReason.ERROR, f"{type(exc).__name__}: {exc}")
         if not ready:
@@ -121,7 +93,7 @@ class _ScoreBatch(beam.DoFn):
             self.counters.kept.inc()
             yield asset.replace(clip_score=score)
             yield beam.pvalue.TaggedOutput(EMBEDDINGS, {
-                "key": curated_key(asset.asset_id),
+                "key": storage.asset_key(asset.asset_id),
                 "asset_id": asset.asset_id,
                 "cluster_id": asset.cluster_id,
                 "clip_score": score,
@@ -205,6 +177,32 @@ class FilterAlignment(beam.PTransform):
 # ------------------------------------------------------------------------- embeddings store
 
 
+def _kept_rows(item: tuple[str, dict[str, list]]) -> Iterable[dict[str, Any]]:
+    _, joined = item
+    if not joined["kept"]:
+        return
+    cluster_id = joined["kept"][0]
+    for row in joined["emb"]:
+        yield dict(row, cluster_id=cluster_id)
+
+
+class KeptEmbeddings(beam.PTransform):
+    """The embedding rows of assets that survived every filter after scoring: the store
+    and the retrieval index must only hold curated documents. `kept` is the final kept
+    PCollection of Assets; their (possibly updated) cluster_id is carried over."""
+
+    def __init__(self, kept: beam.PCollection, label: str | None = None):
+        super().__init__(label)
+        self.kept = kept
+
+    def expand(self, embeddings: beam.PCollection):
+        keyed = embeddings | "KeyRows" >> beam.Map(lambda r: (r["asset_id"], r))
+        kept = self.kept | "KeyKept" >> beam.Map(lambda a: (a.asset_id, a.cluster_id))
+        return ({"emb": keyed, "kept": kept} | "Join" >> beam.CoGroupByKey()
+                | "Select" >> beam.FlatMap(_kept_rows))
+
+
+
 def embeddings_table(rows: list[dict[str, Any]]):
     """Rows → the embeddings Parquet table (sorted by key, so a shard is byte-stable)."""
     import pyarrow as pa
@@ -236,19 +234,12 @@ class _WriteShard(beam.DoFn):
     def process(self, item: tuple[int, Iterable[dict[str, Any]]]) -> Iterable[str]:
         import pyarrow.parquet as pq
 
-        from pipeline.retrieval import atomic_write_bytes
-
         shard, rows = item
         buf = io.BytesIO()
         pq.write_table(embeddings_table(list(rows)), buf)
         url = f"{self.out_dir}/{self.prefix}-{shard:06d}.parquet"
-        atomic_write_bytes(url, buf.getvalue())
+        storage.write_bytes(url, buf.getvalue())
         yield url
-
-
-def shard_of(key: str, num_shards: int) -> int:
-    """Shard of a key: a stable hash, never arrival order."""
-    return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % num_shards
 
 
 class WriteEmbeddings(beam.PTransform):
@@ -265,7 +256,7 @@ class WriteEmbeddings(beam.PTransform):
         n = self.num_shards
         return (
             rows
-            | "Shard" >> beam.Map(lambda r: (shard_of(r["key"], n), r))
+            | "Shard" >> beam.Map(lambda r: (storage.stable_bucket(r["key"], n), r))
             | "Group" >> beam.GroupByKey()
             | "Write" >> beam.ParDo(_WriteShard(self.out_dir, self.prefix))
         )

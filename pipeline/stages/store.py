@@ -271,7 +271,10 @@ def read_shard(url: str) -> Iterable[Asset]:
 
 
 class ReadCuratedStore(beam.PTransform):
-    """Curated (or staged) store folder -> Asset per sample, one reader per shard."""
+    """Curated (or prepared) store folder -> Asset per sample, one reader per shard.
+
+    No reshuffle here: the records carry pixels, and parallelism comes from the shards.
+    """
 
     def __init__(self, store_dir: str):
         super().__init__()
@@ -283,5 +286,4 @@ class ReadCuratedStore(beam.PTransform):
             pbegin
             | "ShardUrls" >> beam.Create(shards)
             | "ReadShard" >> beam.FlatMap(read_shard)
-            | "Rebalance" >> beam.Reshuffle()
         )

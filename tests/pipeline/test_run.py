@@ -17,7 +17,7 @@ import pytest
 import webdataset as wds
 
 from pipeline import ledger
-from pipeline.config import RunConfig
+from pipeline.config import AlignConfig, RunConfig
 from pipeline.run import run
 
 IN_MEMORY = ["--direct_running_mode=in_memory", "--direct_num_workers=1"]
@@ -35,7 +35,9 @@ EXPECTED = {
 
 
 def config(corpus, out) -> RunConfig:
-    return RunConfig(manifests=(str(corpus["manifest"]),), policy=str(corpus["policy"]), out=str(out))
+    """Ingest + dedup only (no CLIP), so these tests stay fast; test_e2e covers the rest."""
+    return RunConfig(manifests=(str(corpus["manifest"]),), policy=str(corpus["policy"]), out=str(out),
+                     align=AlignConfig(enabled=False))
 
 
 def tree_digest(root: Path, *folders: str) -> dict[str, str]:
@@ -45,7 +47,7 @@ def tree_digest(root: Path, *folders: str) -> dict[str, str]:
 
 @pytest.fixture()
 def first_run(tiny_corpus, tmp_path):
-    report = run(config(tiny_corpus, tmp_path / "out"), beam_flags=IN_MEMORY)
+    report = run(config(tiny_corpus, tmp_path / "out"), until="curated", beam_flags=IN_MEMORY)
     return tiny_corpus, tmp_path / "out", report
 
 
@@ -94,15 +96,16 @@ def test_curated_store_is_webdataset_with_full_metadata(first_run):
 def test_same_inputs_give_byte_identical_outputs(first_run, tmp_path):
     corpus, out, _ = first_run
     again = tmp_path / "again"
-    run(config(corpus, again), beam_flags=["--direct_running_mode=multi_threading", "--direct_num_workers=2"])
+    run(config(corpus, again), until="curated",
+        beam_flags=["--direct_running_mode=multi_threading", "--direct_num_workers=2"])
     assert tree_digest(out, "curated", "ledger") == tree_digest(again, "curated", "ledger")
 
 
 def test_rerun_skips_a_complete_phase_and_invariant_breaks_loudly(first_run):
     corpus, out, _ = first_run
     before = tree_digest(out, "curated", "ledger")
-    report = run(config(corpus, out), beam_flags=IN_MEMORY)
-    assert [p.skipped for p in report.phases] == [True]
+    report = run(config(corpus, out), until="curated", beam_flags=IN_MEMORY)
+    assert [(r.name, r.skipped) for r in report.steps] == [("prepare", True), ("clip", True), ("align", True)]
     assert tree_digest(out, "curated", "ledger") == before
     with pytest.raises(ledger.LedgerInvariantError):
         ledger.check_invariant(str(out), report.summary.rows_in + 1)
@@ -116,8 +119,8 @@ def test_memory_filesystem_end_to_end(tiny_corpus):
         if path.is_file():
             fs.pipe(f"{root}/{path.relative_to(tiny_corpus['dir'])}", path.read_bytes())
     cfg = RunConfig(manifests=(f"memory://{root}/manifest.jsonl",), policy=str(tiny_corpus["policy"]),
-                    out="memory://e2e-out")
-    report = run(cfg, beam_flags=IN_MEMORY)
+                    out="memory://e2e-out", align=AlignConfig(enabled=False))
+    report = run(cfg, until="curated", beam_flags=IN_MEMORY)
     assert report.summary.kept > 0 and report.summary.rows_in == tiny_corpus["rows"]
     assert fs.exists("/e2e-out/curated/index.json")
 
@@ -129,14 +132,19 @@ def _curate(args, **kw):
 
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_outputs(tiny_corpus, tmp_path):
-    args = ["run", "--manifest", str(tiny_corpus["manifest"]), "--policy", str(tiny_corpus["policy"])]
+    """Every phase through the CLI (multi-processing workers), killed mid-ingest, resumed."""
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("clip_train: {max_steps: 3, batch_size: 8, progress: false}\n"
+                   "align: {mode: top_fraction, keep_fraction: 0.9}\n")
+    args = ["run", "--config", str(cfg), "--manifest", str(tiny_corpus["manifest"]),
+            "--policy", str(tiny_corpus["policy"])]
     reference = tmp_path / "reference"
     done = _curate(args + ["--out", str(reference)])
     assert done.wait(timeout=300) == 0, done.stdout.read()
 
     out = tmp_path / "interrupted"
     proc = _curate(args + ["--out", str(out)], start_new_session=True)
-    staging = out / "_work" / "staging"
+    staging = out / "_work" / "staging"  # decoded images appear here during the prepare step
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:  # kill the process group once images are being decoded
         if staging.exists() and any(staging.rglob("*.jpg")):
@@ -144,24 +152,27 @@ def test_killed_run_resumes_to_the_same_outputs(tiny_corpus, tmp_path):
         time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert not (out / "_state" / "curated.json").exists(), "the kill came too late to test resume"
+    assert not (out / "_state" / "prepare.json").exists(), "the kill came too late to test resume"
 
     resumed = _curate(args + ["--out", str(out)])
     output = resumed.communicate(timeout=300)[0]
     assert resumed.returncode == 0, output
-    assert tree_digest(out, "curated", "ledger") == tree_digest(reference, "curated", "ledger")
+    assert tree_digest(out, "curated", "ledger", "index") == tree_digest(reference, "curated", "ledger", "index")
     assert not list(out.rglob(".tmp-*"))
+    rows = ledger.read_ledger(str(out)).to_pylist()
+    assert any(r["clip_score"] is not None for r in rows)
+    assert len([r for r in rows if r["reason"] == "LOW_ALIGNMENT"]) >= 1
 
 
 def test_partial_outputs_of_a_crashed_phase_are_replaced(first_run, tmp_path):
     """A crash can leave temp files, a half-written set of shards and no state file."""
     corpus, out, _ = first_run
     reference = tree_digest(out, "curated", "ledger")
-    (out / "_state" / "curated.json").unlink()
+    (out / "_state" / "prepare.json").unlink()  # a crash during the first step
     shards = sorted((out / "curated").glob("images-*.tar"))
     shards[0].write_bytes(shards[0].read_bytes()[:1000])
     (out / "curated" / ".tmp-deadbeef-images-000009.tar").write_bytes(b"partial")
     (out / "curated" / "images-000099.tar").write_bytes(b"stale shard from another assignment")
-    report = run(config(corpus, out), beam_flags=IN_MEMORY)
-    assert [p.skipped for p in report.phases] == [False]
+    report = run(config(corpus, out), until="curated", beam_flags=IN_MEMORY)
+    assert [r.skipped for r in report.steps] == [False, False, False]
     assert tree_digest(out, "curated", "ledger") == reference

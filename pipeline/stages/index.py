@@ -1,0 +1,198 @@
+"""Phase F's retrieval step: neighbours for every curated document, by CM3leon's rules.
+
+The FAISS index (built by `pipeline.retrieval.build_index`) is loaded once per worker
+process; when the query includes text, captions are re-encoded with 20 % of their tokens
+dropped (CM3leon's query dropout), so the CLIP text tower is loaded once per worker too.
+Output: `OUT/index/neighbours-NNNNNN.parquet` with key → neighbour_keys + scores.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.metrics import Metrics
+from apache_beam.utils import shared
+
+from pipeline import storage
+from pipeline.config import ClipConfig
+from pipeline.clip import ClipEmbedder, document_embedding, normalise
+from pipeline.retrieval import (
+    LoadedIndex,
+    NeighbourConfig,
+    drop_query_tokens,
+    key_seed,
+    load_index,
+    select_neighbours,
+)
+
+log = logging.getLogger(__name__)
+
+STAGE = "neighbours"
+
+
+@dataclass(frozen=True)
+class NeighboursConfig:
+    """Where the index is, the neighbour rules, and the CLIP for text-query dropout (needed
+    only when the query has text and `query_token_dropout` > 0)."""
+
+    index_dir: str
+    rules: NeighbourConfig = field(default_factory=NeighbourConfig)
+    clip: ClipConfig | None = None
+    batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        if not self.index_dir:
+            raise ValueError("NeighboursConfig.index_dir is required")
+        uses_text = self.rules.query in ("document", "text") and self.rules.query_token_dropout > 0
+        if uses_text and self.clip is None:
+            raise ValueError("query dropout on text needs NeighboursConfig.clip (the CLIP that made the embeddings)")
+
+
+class _Loaded:
+    """Weak-referenceable per-process holder of the index and (optionally) the CLIP."""
+
+    def __init__(self, cfg: NeighboursConfig):
+        self.index: LoadedIndex = load_index(cfg.index_dir)
+        uses_text = cfg.rules.query in ("document", "text") and cfg.rules.query_token_dropout > 0
+        self.embedder = ClipEmbedder(cfg.clip) if uses_text else None
+
+
+def query_vectors(rows: list[dict[str, Any]], rules: NeighbourConfig, embedder: ClipEmbedder | None) -> np.ndarray:
+    """The query embedding of each document: image, text-with-dropout, or their CM3leon
+    document mean. Without dropout the stored embeddings are used as they are."""
+    def vec(row: dict[str, Any], name: str) -> np.ndarray | None:
+        v = row.get(name)
+        return None if v is None else normalise(np.asarray(v, np.float32)[None])[0]
+
+    texts: list[np.ndarray | None] = [vec(r, "text_emb") for r in rows]
+    if embedder is not None and rules.query != "image":
+        flat, owner, seeds = [], [], []
+        for i, r in enumerate(rows):
+            for j, caption in enumerate(r.get("captions") or []):
+                flat.append(caption)
+                owner.append(i)
+                seeds.append(key_seed(rules.seed, f"{r['key']}/{j}"))
+        if flat:
+            tokens = drop_query_tokens(embedder.tokenizer(flat), rules.query_token_dropout, seeds)
+            embs = embedder.embed_tokens(tokens)
+            owner_arr = np.asarray(owner)
+            for i in set(owner):
+                texts[i] = normalise(embs[owner_arr == i].mean(axis=0, keepdims=True))[0]
+    out = []
+    for r, text in zip(rows, texts):
+        image = vec(r, "image_emb")
+        if rules.query == "image":
+            out.append(image)
+        elif rules.query == "text":
+            out.append(text if text is not None else image)
+        else:
+            out.append(document_embedding(image, text))
+    return np.stack(out).astype(np.float32)
+
+
+class _NeighboursBatch(beam.DoFn):
+    def __init__(self, cfg: NeighboursConfig):
+        super().__init__()
+        self.cfg = cfg
+        self._shared = shared.Shared()
+
+    def setup(self) -> None:
+        self.loaded = self._shared.acquire(lambda: _Loaded(self.cfg), tag=f"index:{self.cfg.index_dir}")
+        self.seen = Metrics.counter(STAGE, "in")
+        self.short = Metrics.counter(STAGE, "fewer_than_k")
+        self.errors = Metrics.counter(STAGE, "error")
+
+    def process(self, rows: list[dict[str, Any]]) -> Iterable[dict[str, Any]]:
+        self.seen.inc(len(rows))
+        try:
+            queries = query_vectors(rows, self.cfg.rules, self.loaded.embedder)
+            picked = select_neighbours(self.loaded.index, queries, [r["key"] for r in rows],
+                                       [r.get("cluster_id") for r in rows], self.cfg.rules)
+        except Exception as exc:  # noqa: BLE001 - a document without neighbours still trains
+            log.warning("%s: batch of %d failed: %s", STAGE, len(rows), exc)
+            self.errors.inc(len(rows))
+            picked = [[] for _ in rows]
+        for row, neighbours in zip(rows, picked):
+            if len(neighbours) < self.cfg.rules.k:
+                self.short.inc()
+            yield {"key": row["key"], "neighbour_keys": [k for k, _ in neighbours],
+                   "scores": [s for _, s in neighbours]}
+
+
+class ComputeNeighbours(beam.PTransform):
+    """Embedding rows (as in `embeddings-*.parquet`) → `{key, neighbour_keys, scores}`."""
+
+    def __init__(self, cfg: NeighboursConfig, label: str | None = None):
+        super().__init__(label)
+        self.cfg = cfg
+
+    def expand(self, rows: beam.PCollection):
+        bs = self.cfg.batch_size
+        return (
+            rows
+            | "Batch" >> beam.BatchElements(min_batch_size=bs, max_batch_size=bs)
+            | "Select" >> beam.ParDo(_NeighboursBatch(self.cfg))
+        )
+
+
+class ReadEmbeddingRows(beam.PTransform):
+    """Read the curated store's `embeddings-*.parquet` as dict rows."""
+
+    def __init__(self, file_pattern: str, label: str | None = None):
+        super().__init__(label)
+        self.file_pattern = file_pattern
+
+    def expand(self, pbegin):
+        return pbegin | "Read" >> beam.io.ReadFromParquet(self.file_pattern)
+
+
+def neighbours_table(rows: list[dict[str, Any]]):
+    """Rows → the neighbours Parquet table, sorted by key."""
+    import pyarrow as pa
+
+    rows = sorted(rows, key=lambda r: r["key"])
+    return pa.table({
+        "key": pa.array([r["key"] for r in rows], pa.string()),
+        "neighbour_keys": pa.array([r["neighbour_keys"] for r in rows], pa.list_(pa.string())),
+        "scores": pa.array([r["scores"] for r in rows], pa.list_(pa.float32())),
+    })
+
+
+class _WriteNeighbourShard(beam.DoFn):
+    def __init__(self, out_dir: str):
+        super().__init__()
+        self.out_dir = out_dir.rstrip("/")
+
+    def process(self, item: tuple[int, Iterable[dict[str, Any]]]) -> Iterable[str]:
+        import pyarrow.parquet as pq
+
+        shard, rows = item
+        buf = io.BytesIO()
+        pq.write_table(neighbours_table(list(rows)), buf)
+        url = f"{self.out_dir}/neighbours-{shard:06d}.parquet"
+        storage.write_bytes(url, buf.getvalue())
+        yield url
+
+
+class WriteNeighbours(beam.PTransform):
+    """Write neighbour rows to `out_dir/neighbours-NNNNNN.parquet` (stable shard per key)."""
+
+    def __init__(self, out_dir: str, num_shards: int = 4, label: str | None = None):
+        super().__init__(label)
+        if num_shards < 1:
+            raise ValueError("num_shards must be >= 1")
+        self.out_dir, self.num_shards = out_dir, num_shards
+
+    def expand(self, rows: beam.PCollection):
+        n = self.num_shards
+        return (
+            rows
+            | "Shard" >> beam.Map(lambda r: (storage.stable_bucket(r["key"], n), r))
+            | "Group" >> beam.GroupByKey()
+            | "Write" >> beam.ParDo(_WriteNeighbourShard(self.out_dir))
+        )
