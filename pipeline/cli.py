@@ -49,7 +49,10 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     out = _resolve(out, Path.cwd()) if args.out else (_resolve(out, base) if args.config else _resolve(out, Path.cwd()))
     from dataclasses import replace
 
-    return replace(cfg, manifests=manifests, policy=policy, out=out)
+    align = cfg.align
+    if align.clip.weights:
+        align = replace(align, clip=replace(align.clip, weights=_resolve(align.clip.weights, base)))
+    return replace(cfg, manifests=manifests, policy=policy, out=out, align=align)
 
 
 def score_summary(out: str) -> str | None:
