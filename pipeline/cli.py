@@ -87,6 +87,16 @@ def format_report(report: RunReport) -> str:
     scores = score_summary(report.out)
     if scores:
         lines.append(scores)
+    info = {r.name: r.info for r in report.steps}
+    vq = info.get("vq", {})
+    if "psnr_db" in vq:
+        lines.append(f"vq tokenizer ({vq.get('model')}, held-out {vq.get('images')} images at 256 px): "
+                     f"PSNR {vq['psnr_db']:.2f} dB  SSIM {vq['ssim']:.3f}  codebook usage "
+                     f"{vq['codebook_usage_pct']:.1f}%  perplexity {vq['perplexity']:.0f}  (grid: models/vq/vq-recon.png)")
+    text = info.get("text", {})
+    if "vocab_size" in text:
+        lines.append(f"joint vocabulary: {text['text_ids']} text ids (BPE learned {text['bpe_tokens']}), image codes at "
+                     f"offset {text['image_offset']}, {text['vocab_size']} ids, {text['dtype']} (models/vocab.json)")
     lines += ["", f"{'stage/reason':<40} {'rows':>6}"]
     for name, count in sorted(s.by_stage_reason.items(), key=lambda kv: (-kv[1], kv[0])):
         lines.append(f"{name:<40} {count:>6}")
@@ -126,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, beam_flags = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("apache_beam", "urllib3", "fsspec"):
+    for noisy in ("apache_beam", "urllib3", "fsspec", "faiss"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if args.verbose else logging.ERROR)
     try:
         if args.command == "demo":

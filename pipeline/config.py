@@ -20,6 +20,7 @@ import yaml
 
 from pipeline import neardup
 from pipeline.retrieval import IndexConfig, NeighbourConfig
+from tokenizer.vq.config import TrainVQConfig
 
 
 class ConfigError(ValueError):
@@ -212,6 +213,43 @@ class AlignConfig:
 
 
 @dataclass(frozen=True)
+class VQRunConfig:
+    """The image tokenizer of a run: train `model` on the curated store, or use `weights`."""
+
+    model: str = "cpu-small"  # tokenizer.vq.config name: cpu-small | cm3leon-256
+    weights: str | None = None  # a trained vq.safetensors (vq.json beside it): skip training
+    train: TrainVQConfig = field(default_factory=lambda: TrainVQConfig(num_threads=1))
+    encode_batch_size: int = 32
+    device: str = "auto"  # encode on cpu | cuda | auto
+
+    def __post_init__(self) -> None:
+        from tokenizer.vq.config import get_config
+
+        if not self.weights:
+            get_config(self.model)  # raises on an unknown name
+        if self.encode_batch_size < 1:
+            raise ConfigError("vq.encode_batch_size must be >= 1")
+        if self.device not in ("cpu", "cuda", "auto"):
+            raise ConfigError("vq.device must be cpu, cuda or auto")
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """The text tokenizer: byte-level BPE trained on the curated captions, or `tokenizer`."""
+
+    vocab_size: int = 56_320  # CM3leon's; the joint vocabulary reserves all of it
+    num_mask_sentinels: int = 16
+    min_frequency: int = 2
+    tokenizer: str | None = None  # an existing tokenizer.json: skip training
+
+    def __post_init__(self) -> None:
+        if self.vocab_size < 512:
+            raise ConfigError("text.vocab_size must be >= 512")
+        if not 1 <= self.num_mask_sentinels <= 256:
+            raise ConfigError("text.num_mask_sentinels must be in [1, 256]")
+
+
+@dataclass(frozen=True)
 class BeamConfig:
     """Runner flags; `options` pass straight to Beam's PipelineOptions (e.g. `--runner`)."""
 
@@ -244,6 +282,8 @@ class RunConfig:
     clip_train: ClipTrainConfig = field(default_factory=ClipTrainConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     neighbours: NeighbourConfig = field(default_factory=NeighbourConfig)
+    vq: VQRunConfig = field(default_factory=VQRunConfig)
+    text: TextConfig = field(default_factory=TextConfig)
     beam: BeamConfig = field(default_factory=BeamConfig)
 
     def to_json(self) -> dict[str, Any]:

@@ -5,6 +5,9 @@ Steps run in order; each belongs to a user-facing phase (`--until`):
     curated  prepare (A–B: ingest, license gate, fetch, decode, exact/near dedup)
              clip    (train the licensed-lineage CLIP, unless weights are configured)
              align   (C: CLIP scores, alignment filter, semantic dedup, curated store, ledger)
+    models   vq      (D: train the VQ image tokenizer, unless weights are configured)
+             text    (D: byte-level BPE on the captions + the joint vocabulary)
+             encode  (apply the VQ tokenizer to every curated image: codes Parquet)
     index    index   (E: FAISS index over document embeddings + neighbour table)
 
 A step is done when `OUT/_state/<step>.json` holds the same config hash; the hash chains
@@ -43,7 +46,7 @@ from pipeline.stages.store import ReadCuratedStore, StageImages, WriteCuratedSto
 
 log = logging.getLogger(__name__)
 
-PHASES = ("curated", "index")
+PHASES = ("curated", "models", "index")
 PACKAGES = ("apache-beam", "pyarrow", "pillow", "numpy", "torch", "torchvision", "open-clip-torch",
             "faiss-cpu", "tokenizers", "safetensors", "webdataset", "imagehash", "fsspec")
 
@@ -245,6 +248,96 @@ def step_align(ctx: RunContext):
     return counters, {"samples": index["samples"], "shards": len(index["shards"]), "clip_weights": weights}
 
 
+# ----------------------------------------------------------------------------- phase: models
+
+
+def _copy(src: str, dst: str) -> None:
+    import fsspec
+
+    with fsspec.open(src, "rb") as handle:
+        storage.write_bytes(dst, handle.read())
+
+
+def step_vq(ctx: RunContext):
+    """D: train the VQ image tokenizer on the curated store (or take the configured one)."""
+    vq = ctx.cfg.vq
+    out = ctx.path("models", "vq")
+    if vq.weights:
+        _copy(vq.weights, storage.join(out, "vq.safetensors"))
+        _copy(vq.weights.rsplit(".", 1)[0] + ".json", storage.join(out, "vq.json"))
+        return {}, {"trained": False, "weights": vq.weights}
+    from tokenizer.vq.config import get_config
+    from tokenizer.vq.train import train_vq
+
+    shards = storage.list_files(ctx.path("curated"), "images-*.tar")
+    if not shards:
+        raise RuntimeError("no curated images to train the VQ tokenizer on")
+    result = train_vq(get_config(vq.model), vq.train, shards, out)
+    evaluation = storage.read_json(storage.join(out, "vq-eval.json")) if storage.exists(storage.join(out, "vq-eval.json")) else {}
+    info = {"trained": True, "model": vq.model}
+    info.update({k: v for k, v in evaluation.items() if isinstance(v, (int, float, str, bool))})
+    info.update({k: v for k, v in result.items() if isinstance(v, (int, float, str, bool)) and k not in info})
+    return {}, info
+
+
+def step_text(ctx: RunContext):
+    """D: byte-level BPE on the curated captions, then the joint vocabulary (vocab.json)."""
+    from tokenizer.text import captions_from_shards, train_bpe
+    from tokenizer.vocab import write_vocab
+
+    text = ctx.cfg.text
+    models = ctx.path("models")
+    target = storage.join(models, "text-bpe.json")
+    if text.tokenizer:
+        _copy(text.tokenizer, target)
+    else:
+        shards = storage.list_files(ctx.path("curated"), "images-*.tar")
+        train_bpe(captions_from_shards(shards), text.vocab_size, target,
+                  num_mask_sentinels=text.num_mask_sentinels, min_frequency=text.min_frequency)
+    vocab = write_vocab(models, text_vocab_size=text.vocab_size, vq_name="vq/vq.json")
+    return {}, {"text_ids": vocab.text_size, "bpe_tokens": vocab.bpe_size, "image_offset": vocab.image_offset,
+                "vocab_size": vocab.size, "dtype": vocab.dtype.name}
+
+
+def step_encode(ctx: RunContext):
+    """Apply the VQ tokenizer to every curated image (Beam); failures become ledger rejections."""
+    from pipeline.stages.encode import encode_curated_store
+
+    vq = ctx.cfg.vq
+    result = encode_curated_store(ctx.path("curated"), ctx.path("models", "vq", "vq.safetensors"), ctx.path("codes"),
+                                  ctx.options, batch_size=vq.encode_batch_size, device=vq.device)
+    counters = {f"encode/{k}": int(v) for k, v in result["counters"].items()}
+    failed = _encode_failures(ctx.path("codes", "encode-rejected.jsonl"))
+    if failed:
+        _reject_in_ledger(ctx.out, failed)
+    return counters, {"files": len(result["files"]), "rejected": len(failed)}
+
+
+def _encode_failures(url: str) -> dict[str, str]:
+    if not storage.exists(url):
+        return {}
+    import fsspec
+
+    failures = {}
+    with fsspec.open(url, "rt") as handle:
+        for line in handle:
+            if line.strip():
+                row = json.loads(line)
+                failures[row["key"]] = f"{row['stage']}: {row['detail']}"
+    return failures
+
+
+def _reject_in_ledger(out: str, failures: dict[str, str]) -> None:
+    """Mark kept ledger rows whose image could not be encoded as rejected (stage encode, ERROR)."""
+    rows = ledger.read_ledger(out).to_pylist()
+    for row in rows:
+        if row["status"] == "kept" and row["key"] in failures:
+            row.update(status="rejected", stage="encode", reason="ERROR", detail=failures[row["key"]][:2000])
+    import pyarrow as pa
+
+    ledger.rewrite_ledger(out, pa.Table.from_pylist(rows, schema=ledger.LEDGER_SCHEMA))
+
+
 # ----------------------------------------------------------------------------- step: index
 
 
@@ -273,6 +366,9 @@ STEPS: tuple[Step, ...] = (
     Step("prepare", "curated", ("validate", "fetch", "decode", "curated", "dedup"), (PREPARED, STAGING), step_prepare),
     Step("clip", "curated", ("align", "clip_train"), ("models/clip",), step_clip),
     Step("align", "curated", ("align", "dedup", "curated"), ("curated", "ledger", STAGING), step_align),
+    Step("vq", "models", ("vq",), ("models/vq",), step_vq),
+    Step("text", "models", ("text",), ("models/text-bpe.json", "models/vocab.json"), step_text),
+    Step("encode", "models", ("vq",), ("codes",), step_encode),
     Step("index", "index", ("index", "neighbours"), ("index",), step_index),
 )
 

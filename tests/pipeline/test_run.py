@@ -135,7 +135,9 @@ def test_killed_run_resumes_to_the_same_outputs(tiny_corpus, tmp_path):
     """Every phase through the CLI (multi-processing workers), killed mid-ingest, resumed."""
     cfg = tmp_path / "run.yaml"
     cfg.write_text("clip_train: {max_steps: 3, batch_size: 8, progress: false}\n"
-                   "align: {mode: top_fraction, keep_fraction: 0.9}\n")
+                   "align: {mode: top_fraction, keep_fraction: 0.9}\n"
+                   "vq: {train: {max_steps: 3, batch_size: 4, eval_every: 3, checkpoint_every: 3, eval_images: 2,\n"
+                   "             grid_images: 2, num_threads: 1, progress: false}}\n")
     args = ["run", "--config", str(cfg), "--manifest", str(tiny_corpus["manifest"]),
             "--policy", str(tiny_corpus["policy"])]
     reference = tmp_path / "reference"
@@ -157,7 +159,11 @@ def test_killed_run_resumes_to_the_same_outputs(tiny_corpus, tmp_path):
     resumed = _curate(args + ["--out", str(out)])
     output = resumed.communicate(timeout=300)[0]
     assert resumed.returncode == 0, output
-    assert tree_digest(out, "curated", "ledger", "index") == tree_digest(reference, "curated", "ledger", "index")
+    outputs = ("curated", "ledger", "index", "codes")
+    assert tree_digest(out, *outputs) == tree_digest(reference, *outputs)
+    vocab, ref_vocab = (json.loads((d / "models" / "vocab.json").read_text()) for d in (out, reference))
+    vocab["text"].pop("tokenizer_uri"), ref_vocab["text"].pop("tokenizer_uri")  # absolute paths differ
+    assert vocab == ref_vocab and vocab["text"]["sha256"]
     assert not list(out.rglob(".tmp-*"))
     rows = ledger.read_ledger(str(out)).to_pylist()
     assert any(r["clip_score"] is not None for r in rows)

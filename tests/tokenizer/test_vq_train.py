@@ -1,0 +1,116 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tokenizer.shards import is_heldout
+from tokenizer.vq.model import VQModel, load_vq
+from tokenizer.vq.config import TrainVQConfig
+from tokenizer.vq.train import iter_batches, lr_at, train_vq
+
+FAST = dict(batch_size=4, crop_size=32, crops_per_image=2, shuffle_buffer=16, eval_every=0, checkpoint_every=0,
+            warmup_steps=2, progress=False, final_eval=False, eval_batch_size=4)
+
+
+def test_resume_continues_exactly_where_it_stopped(tmp_path, tiny_cfg, curated_store, monkeypatch):
+    import tokenizer.vq.train as train_mod
+
+    urls = curated_store["urls"]
+    cfg = dict(FAST, max_steps=6, checkpoint_every=3)
+    train_vq(tiny_cfg, cfg, urls, str(tmp_path / "a"))
+
+    real_iter = train_mod.iter_batches
+
+    def preempted(*args, **kwargs):  # the job dies when it asks for the 4th batch
+        for i, batch in enumerate(real_iter(*args, **kwargs)):
+            if i == 3:
+                raise KeyboardInterrupt("preempted")
+            yield batch
+
+    monkeypatch.setattr(train_mod, "iter_batches", preempted)
+    with pytest.raises(KeyboardInterrupt):
+        train_vq(tiny_cfg, cfg, urls, str(tmp_path / "b"))
+    assert json.loads((tmp_path / "b" / "vq-train.json").read_text())["step"] == 3
+    monkeypatch.setattr(train_mod, "iter_batches", real_iter)
+    resumed = train_vq(tiny_cfg, cfg, urls, str(tmp_path / "b"))  # same out_dir: resumes at step 3
+    assert resumed["step"] == 6
+    a, b = load_vq(str(tmp_path / "a")).state_dict(), load_vq(str(tmp_path / "b")).state_dict()
+    assert a.keys() == b.keys()
+    for k in a:  # weights, quantizer buffers; equality also needs the AdamW moments restored
+        assert torch.equal(a[k], b[k]), k
+    torch.manual_seed(0)
+    fresh = VQModel(tiny_cfg).state_dict()
+    assert not torch.equal(a["decoder.conv_out.weight"], fresh["decoder.conv_out.weight"])
+
+
+def test_resume_refuses_a_different_config(tmp_path, tiny_cfg, curated_store):
+    train_vq(tiny_cfg, dict(FAST, max_steps=1), curated_store["urls"], str(tmp_path))
+    with pytest.raises(ValueError, match="different VQConfig"):
+        train_vq(tiny_cfg.replace(codebook_size=32), dict(FAST, max_steps=2), curated_store["urls"], str(tmp_path))
+
+
+def test_crop_stream_is_deterministic_skips_on_resume_and_excludes_heldout(curated_store):
+    cfg = TrainVQConfig(**dict(FAST, max_steps=10))
+    it = iter_batches(curated_store["urls"], cfg)
+    batches = [next(it) for _ in range(5)]
+    again = iter_batches(curated_store["urls"], cfg)
+    assert all(np.array_equal(x, next(again)) for x in batches)
+    skipped = iter_batches(curated_store["urls"], cfg, start_step=3)
+    assert np.array_equal(next(skipped), batches[3])
+    assert batches[0].shape == (4, 32, 32, 3) and batches[0].dtype == np.uint8
+    # every crop comes from a training image: held-out pixels never appear
+    held = [np.asarray(Image.open(__import__("io").BytesIO(s[1]))) for s in curated_store["samples"] if is_heldout(s[0])]
+    assert held, "fixture should contain a held-out image"
+    crop = batches[0][0]
+    for img in held:
+        for y in range(0, 256 - 32 + 1, 8):
+            assert not any(np.array_equal(crop, img[y : y + 32, x : x + 32]) for x in range(0, 256 - 32 + 1, 8))
+
+
+def test_lr_schedule_warms_up_then_decays():
+    cfg = TrainVQConfig(max_steps=100, warmup_steps=10, lr=1e-3, min_lr_ratio=0.1)
+    lrs = [lr_at(cfg, s, 0.0) for s in range(100)]
+    assert lrs[0] < lrs[9] <= 1e-3 + 1e-12
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lrs[-1] == pytest.approx(1e-4, rel=0.05)
+    timed = TrainVQConfig(max_steps=None, max_minutes=10, warmup_steps=0, lr=1e-3, min_lr_ratio=0.1)
+    assert lr_at(timed, 5, 9.99) < lr_at(timed, 5, 1.0)
+
+
+@pytest.mark.slow
+def test_training_improves_heldout_reconstruction_and_writes_eval(tmp_path, tiny_cfg, curated_store):
+    urls = curated_store["urls"]
+    base = train_vq(tiny_cfg, dict(FAST, max_steps=1, final_eval=True), urls, str(tmp_path / "short"))
+    out = tmp_path / "long"
+    res = train_vq(tiny_cfg, dict(FAST, max_steps=120, lr=3e-3, batch_size=8, final_eval=True, eval_every=60, eval_images=2), urls, str(out))
+    for name in ("vq.safetensors", "vq.json", "vq-eval.json", "vq-recon.png", "vq-optim.safetensors", "vq-log.jsonl"):
+        assert (out / name).exists(), name
+    ev = json.loads((out / "vq-eval.json").read_text())
+    assert ev["images"] == sum(is_heldout(s[0]) for s in curated_store["samples"]) > 0
+    assert ev["resolution"] == [256, 256]
+    assert 0 < ev["codebook_usage_pct"] <= 100 and 1 <= ev["perplexity"] <= tiny_cfg.codebook_size
+    assert -1 <= ev["ssim"] <= 1
+    assert ev["psnr_db"] > base["eval"]["psnr_db"] + 2.0
+    assert len(res["history"]) == 2
+    grid = Image.open(out / "vq-recon.png")
+    assert grid.height == 2 * 256 + 4
+
+
+def test_adversarial_term_trains_and_checkpoints_its_discriminator(tmp_path, tiny_cfg, curated_store):
+    cfg = tiny_cfg.replace(adversarial_weight=0.1, adversarial_start_step=1, disc_channels=8, disc_layers=2)
+    res = train_vq(cfg, dict(FAST, max_steps=3), curated_store["urls"], str(tmp_path))
+    assert res["step"] == 3
+    assert (tmp_path / "vq-disc.safetensors").exists() and (tmp_path / "vq-disc-optim.safetensors").exists()
+    res = train_vq(cfg, dict(FAST, max_steps=4), curated_store["urls"], str(tmp_path))  # resumes with the discriminator
+    assert res["step"] == 4
+
+
+def test_tokenizer_package_does_not_import_beam():
+    import subprocess
+    import sys
+
+    code = ("import sys, tokenizer.vq.train, tokenizer.vq.eval, tokenizer.cm3, tokenizer.vocab, tokenizer.text, "
+            "tokenizer.shards; assert 'apache_beam' not in sys.modules, 'beam imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,0 +1,158 @@
+"""CM3 sequence format and causal-masked objective (Aghajanyan et al. 2022; CM3leon 2023).
+
+A sequence is `[neighbour 1] <break> [neighbour 2] <break> [main document]` (optionally wrapped
+in bos/eos), a document being caption ids and `<img> image ids </img>` in a configurable order.
+CM3 masking moves n ~ clamp(Poisson(1), 1, 16) non-overlapping spans to the end, each replaced
+in place by `<mask:i>` and re-emitted after `<mask:i>` at the end, so a left-to-right model
+learns infilling. Spans never cross `<break>` (or bos/eos), and the choice is a pure function of
+(seed, epoch, key) so a reader can re-mask every epoch and still resume mid-epoch exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from tokenizer.vocab import JointVocab
+
+
+@dataclass(frozen=True)
+class CM3Format:
+    """How documents and sequences are laid out."""
+
+    image_first: bool = False  # False: caption then image (text-to-image); True: image then caption
+    add_bos: bool = True
+    add_eos: bool = True
+
+
+@dataclass(frozen=True)
+class MaskConfig:
+    poisson_lambda: float = 1.0
+    max_spans: int = 16  # needs that many <mask:i> sentinels in the vocabulary
+
+
+def build_document(vocab: JointVocab, text_ids: Sequence[int] | np.ndarray | None, image_codes: np.ndarray | None,
+                   fmt: CM3Format = CM3Format()) -> np.ndarray:
+    """Caption ids + `<img>` image ids `</img>` (codes are raw VQ codes; offset applied here)."""
+    parts: list[np.ndarray] = []
+    text = np.asarray(text_ids if text_ids is not None else [], dtype=np.int64)
+    image = None
+    if image_codes is not None:
+        ids = vocab.codes_to_ids(np.asarray(image_codes).reshape(-1)).astype(np.int64)
+        image = np.concatenate([[vocab.img_begin_id], ids, [vocab.img_end_id]])
+    order = [image, text] if fmt.image_first else [text, image]
+    for p in order:
+        if p is not None and len(p):
+            parts.append(p)
+    return np.concatenate(parts).astype(vocab.dtype) if parts else np.zeros(0, dtype=vocab.dtype)
+
+
+def build_sequence(vocab: JointVocab, neighbours: Sequence[np.ndarray], main: np.ndarray, fmt: CM3Format = CM3Format()) -> np.ndarray:
+    """`[bos] n1 <break> n2 <break> main [eos]` in the vocab dtype."""
+    pieces: list[np.ndarray] = []
+    if fmt.add_bos:
+        pieces.append(np.array([vocab.bos_id]))
+    for doc in neighbours:
+        pieces += [np.asarray(doc, dtype=np.int64), np.array([vocab.break_id])]
+    pieces.append(np.asarray(main, dtype=np.int64))
+    if fmt.add_eos:
+        pieces.append(np.array([vocab.eos_id]))
+    return np.concatenate(pieces).astype(vocab.dtype)
+
+
+def mask_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
+    """Deterministic generator per (seed, epoch, key), independent of worker/rank layout."""
+    digest = hashlib.sha256(f"cm3:{seed}:{epoch}:{key}".encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:16], "little"))
+
+
+def _segments(ids: np.ndarray, barriers: set[int]) -> list[tuple[int, int]]:
+    """Maximal [start, end) runs of maskable positions (no barrier token inside)."""
+    segs, start = [], None
+    for i, t in enumerate(ids.tolist()):
+        if t in barriers:
+            if start is not None:
+                segs.append((start, i))
+                start = None
+        elif start is None:
+            start = i
+    if start is not None:
+        segs.append((start, len(ids)))
+    return segs
+
+
+def choose_spans(ids: np.ndarray, vocab: JointVocab, rng: np.random.Generator, cfg: MaskConfig = MaskConfig()) -> list[tuple[int, int]]:
+    """Non-overlapping [start, end) spans, sorted, none crossing <break>/bos/eos/pad."""
+    max_spans = min(cfg.max_spans, len(vocab.mask_ids))
+    n = int(np.clip(rng.poisson(cfg.poisson_lambda), 1, max_spans))
+    barriers = {vocab.break_id, vocab.bos_id, vocab.eos_id, vocab.pad_id}
+    segs = _segments(np.asarray(ids), barriers)
+    if not segs:
+        return []
+    lengths = np.array([e - s for s, e in segs], dtype=np.float64)
+    # allocate spans to segments in proportion to length; a segment of L tokens holds at most
+    # (L + 1) // 2 spans, because spans are separated by at least one unmasked token
+    alloc = np.bincount(rng.choice(len(segs), size=n, p=lengths / lengths.sum()), minlength=len(segs))
+    spans: list[tuple[int, int]] = []
+    for (s, e), m in zip(segs, alloc):
+        m = min(int(m), (e - s + 1) // 2)
+        if m == 0:
+            continue
+        # 2m distinct boundaries among the L+1 gaps; pairs give non-empty, non-overlapping spans
+        cuts = np.sort(rng.choice(e - s + 1, size=2 * m, replace=False)) + s
+        spans += [(int(cuts[2 * k]), int(cuts[2 * k + 1])) for k in range(m)]
+    return sorted(spans)
+
+
+def apply_mask(ids: np.ndarray, spans: Sequence[tuple[int, int]], vocab: JointVocab) -> np.ndarray:
+    """Replace span i by <mask:i> and append `<mask:i> span_i` at the end (before a final eos)."""
+    ids = np.asarray(ids)
+    if not spans:
+        return ids.copy()
+    has_eos = len(ids) > 0 and int(ids[-1]) == vocab.eos_id
+    body = ids[:-1] if has_eos else ids
+    out: list[np.ndarray] = []
+    tail: list[np.ndarray] = []
+    pos = 0
+    for i, (s, e) in enumerate(spans):
+        sentinel = np.array([vocab.mask_ids[i]])
+        out += [body[pos:s], sentinel]
+        tail += [sentinel, body[s:e]]
+        pos = e
+    out.append(body[pos:])
+    result = out + tail + ([np.array([vocab.eos_id])] if has_eos else [])
+    return np.concatenate(result).astype(ids.dtype)
+
+
+def cm3_mask(ids: np.ndarray, vocab: JointVocab, seed: int, epoch: int, key: str, cfg: MaskConfig = MaskConfig()) -> np.ndarray:
+    """The CM3 transform of one sequence, deterministic in (seed, epoch, key); 2 tokens longer per span."""
+    spans = choose_spans(ids, vocab, mask_rng(seed, epoch, key), cfg)
+    return apply_mask(ids, spans, vocab)
+
+
+def unmask(masked: np.ndarray, vocab: JointVocab) -> np.ndarray:
+    """Invert `apply_mask` (used by tests and by anyone checking shards)."""
+    m = np.asarray(masked)
+    has_eos = len(m) > 0 and int(m[-1]) == vocab.eos_id
+    body = m[:-1] if has_eos else m
+    mask_set = {int(t): i for i, t in enumerate(vocab.mask_ids)}
+    positions = [k for k, t in enumerate(body.tolist()) if t in mask_set]
+    n = len(positions) // 2
+    if n == 0:
+        return m.copy()
+    head, tail_pos = positions[:n], positions[n:]
+    spans = {}
+    for j, p in enumerate(tail_pos):
+        end = tail_pos[j + 1] if j + 1 < len(tail_pos) else len(body)
+        spans[mask_set[int(body[p])]] = body[p + 1 : end]
+    out, pos = [], 0
+    for p in head:
+        out += [body[pos:p], spans[mask_set[int(body[p])]]]
+        pos = p + 1
+    out.append(body[pos : tail_pos[0]])
+    if has_eos:
+        out.append(np.array([vocab.eos_id]))
+    return np.concatenate(out).astype(m.dtype)
