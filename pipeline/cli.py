@@ -115,6 +115,49 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
+def training_shards(args: argparse.Namespace, out: str) -> list[str]:
+    """`--shards` (a folder or a glob), else the run's curated store, else its prepared store."""
+    from pipeline import storage
+
+    if args.shards:
+        if any(ch in args.shards for ch in "*?["):
+            folder, pattern = args.shards.rsplit("/", 1)
+            return storage.list_files(folder, pattern)
+        return storage.list_files(args.shards, "images-*.tar")
+    for folder in (storage.join(out, "curated"), storage.join(out, "_work", "prepared")):
+        found = storage.list_files(folder, "images-*.tar")
+        if found:
+            return found
+    raise ConfigError(f"no curated shards under {out}: run `curate run --until curated` first or pass --shards")
+
+
+def train_model(what: str, cfg: RunConfig, shards: list[str]) -> dict:
+    """`curate train-clip | train-vq | train-text` on existing curated shards."""
+    from pipeline import storage
+
+    models = storage.join(cfg.out, "models")
+    if what == "clip":
+        from pipeline.clip import train_clip
+
+        return train_clip(cfg.align.clip, cfg.clip_train, shards, storage.join(models, "clip"))
+    if what == "vq":
+        from tokenizer.vq.config import get_config
+        from tokenizer.vq.train import train_vq
+
+        return train_vq(get_config(cfg.vq.model), cfg.vq.train, shards, storage.join(models, "vq"))
+    from tokenizer.text import captions_from_shards, train_bpe
+    from tokenizer.vocab import write_vocab
+
+    target = storage.join(models, "text-bpe.json")
+    tok = train_bpe(captions_from_shards(shards), cfg.text.vocab_size, target,
+                    num_mask_sentinels=cfg.text.num_mask_sentinels, min_frequency=cfg.text.min_frequency)
+    result = {"tokenizer": target, "bpe_tokens": tok.get_vocab_size()}
+    if storage.exists(storage.join(models, "vq", "vq.json")):
+        vocab = write_vocab(models, text_vocab_size=cfg.text.vocab_size, vq_name="vq/vq.json")
+        result.update(vocab=storage.join(models, "vocab.json"), vocab_size=vocab.size)
+    return result
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="curate", description="Licensed image-text corpus -> curated store -> CM3 token shards.",
@@ -128,6 +171,15 @@ def build_parser() -> argparse.ArgumentParser:
     run_p = sub.add_parser("run", help="run the pipeline on manifests",
                            epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_run_flags(run_p)
+    for what, text in (("clip", "train the licensed-lineage CLIP (config: align.clip, clip_train) -> OUT/models/clip/"),
+                       ("vq", "train the VQ image tokenizer (config: vq) -> OUT/models/vq/"),
+                       ("text", "train the byte-level BPE (config: text) -> OUT/models/text-bpe.json (+ vocab.json)")):
+        train = sub.add_parser(f"train-{what}", help=text, description=text)
+        train.add_argument("--config", help="run config YAML; built-in defaults without it")
+        train.add_argument("--out", help="the run's output folder (models go under OUT/models)")
+        train.add_argument("--shards", help="curated shards: a folder of images-*.tar or a glob (default: OUT/curated)")
+        train.add_argument("-v", "--verbose", action="store_true")
+        train.set_defaults(manifest=None, policy=None, until=None)
     return parser
 
 
@@ -144,6 +196,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.manifest = None
             args.policy = None
         cfg = config_from_args(args)
+        if args.command.startswith("train-"):
+            import json
+
+            result = train_model(args.command.split("-", 1)[1], cfg, training_shards(args, cfg.out))
+            print(json.dumps({k: v for k, v in result.items() if isinstance(v, (int, float, str, bool))}, indent=2))
+            return 0
         report = run(cfg, until=args.until, beam_flags=beam_flags)
     except ConfigError as exc:
         print(f"curate: configuration error: {exc}", file=sys.stderr)

@@ -61,3 +61,28 @@ def test_cli_paths_resolve_against_the_config_file_and_flags_override(tmp_path):
 def test_cli_reports_configuration_errors(tmp_path, capsys):
     assert main(["run", "--out", str(tmp_path / "o")]) == 2
     assert "no manifests" in capsys.readouterr().err
+
+
+def test_train_commands_on_an_existing_curated_store(tiny_corpus, tmp_path, capsys):
+    import json
+
+    from pipeline.config import AlignConfig
+    from pipeline.run import run
+    from tokenizer.text import load_bpe
+    from tokenizer.vocab import JointVocab
+
+    out = tmp_path / "out"
+    run(RunConfig(manifests=(str(tiny_corpus["manifest"]),), policy=str(tiny_corpus["policy"]), out=str(out),
+                  align=AlignConfig(enabled=False)), until="curated", beam_flags=["--direct_running_mode=in_memory"])
+    cfg = write(tmp_path, "clip_train: {max_steps: 2, batch_size: 4, progress: false}\n"
+                          "vq: {train: {max_steps: 2, batch_size: 2, eval_images: 1, grid_images: 1, progress: false,"
+                          " num_threads: 1}}\ntext: {vocab_size: 600}\n")
+    for what in ("vq", "text", "clip"):
+        assert main([f"train-{what}", "--config", cfg, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "bpe_tokens" in printed and "vocab_size" in printed
+    assert (out / "models" / "vq" / "vq.safetensors").exists() and (out / "models" / "clip" / "clip.safetensors").exists()
+    vocab = JointVocab.load(str(out / "models" / "vocab.json"))
+    tok = load_bpe(str(out / "models" / "text-bpe.json"))
+    assert vocab.image_offset == 600 and tok.decode(tok.encode("a photo").ids) == "a photo"
+    assert main(["train-text", "--out", str(tmp_path / "empty")]) == 2  # no curated shards: a clear error
