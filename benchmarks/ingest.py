@@ -24,7 +24,7 @@ from pathlib import Path
 import psutil
 from PIL import Image
 
-from pipeline.config import BeamConfig, CuratedConfig, FetchConfig, RunConfig
+from pipeline.config import AlignConfig, BeamConfig, CuratedConfig, DedupConfig, FetchConfig, RunConfig
 from pipeline.run import run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,6 +96,8 @@ def pipeline_run(folder: Path, rows: int, workers: int) -> tuple[float, int, int
     cfg = RunConfig(
         manifests=(str(manifest),), policy=str(policy), out=str(folder / f"out-{rows}"),
         fetch=FetchConfig(allowed_roots=(str(IMAGES),)), curated=CuratedConfig(samples_per_shard=1000),
+        # rows reuse the same photos, so dedup would (rightly) drop them; CLIP is measured in clip.py
+        dedup=DedupConfig(exact=False, near=False), align=AlignConfig(enabled=False),
         beam=BeamConfig(direct_num_workers=workers, direct_running_mode="multi_processing"),
     )
     with PeakRss() as rss:

@@ -154,7 +154,7 @@ def build_prepare_graph(p: beam.Pipeline, ctx: RunContext) -> None:
         assets, rejected_dup = assets | "Dedup" >> Dedup(dataclasses.replace(cfg.dedup, semantic=False))
         rejections.append(rejected_dup)
     _ = assets | "WritePrepared" >> WriteCuratedStore(ctx.path(PREPARED), cfg.curated.samples_per_shard)
-    _write_ledger(assets, rejections, storage.join(ctx.path(PREPARED)), stage="prepared")
+    _write_ledger(assets, rejections, storage.join(ctx.path(PREPARED)), stage="curated")
 
 
 def _write_ledger(kept, rejections, out: str, stage: str, earlier=None) -> None:
@@ -217,11 +217,6 @@ def build_align_graph(p: beam.Pipeline, ctx: RunContext) -> None:
     earlier = p | "PreparedLedger" >> beam.Create([ctx.path(PREPARED, "ledger")]) \
         | "EarlierRejections" >> beam.FlatMap(_earlier_rejections)
     curated = ctx.path("curated")
-    if not cfg.align.enabled:
-        kept = assets | "StageImages" >> beam.ParDo(StageImages(ctx.path(STAGING)))
-        _ = kept | "WriteCurated" >> WriteCuratedStore(curated, cfg.curated.samples_per_shard)
-        _write_ledger(kept, [], ctx.out, stage="curated", earlier=earlier)
-        return
     align_cfg = dataclasses.replace(cfg.align, clip=clip_config(ctx))
     scored = assets | "ScoreAlignment" >> ScoreAlignment(align_cfg)
     staged = scored.kept | "StageImages" >> beam.ParDo(StageImages(ctx.path(STAGING)))
@@ -240,12 +235,25 @@ def build_align_graph(p: beam.Pipeline, ctx: RunContext) -> None:
     _write_ledger(kept, rejections, ctx.out, stage="curated", earlier=earlier)
 
 
+def _copy_prepared(ctx: RunContext) -> None:
+    """Without alignment the prepared store is final: copy its files (byte for byte)."""
+    for pattern in ("images-*.tar", "metadata-*.parquet", "index.json"):
+        for url in storage.list_files(ctx.path(PREPARED), pattern):
+            _copy(url, storage.join(ctx.path("curated"), url.rsplit("/", 1)[-1]))
+    for url in storage.list_files(ctx.path(PREPARED, "ledger"), "ledger-*.parquet"):
+        _copy(url, storage.join(ctx.path("ledger"), url.rsplit("/", 1)[-1]))
+
+
 def step_align(ctx: RunContext):
+    if not ctx.cfg.align.enabled:
+        _copy_prepared(ctx)
+        index = storage.read_json(ctx.path("curated", "index.json"))
+        return {}, {"samples": index["samples"], "shards": len(index["shards"]), "clip_weights": None}
     counters = run_beam(lambda p: build_align_graph(p, ctx), ctx.options)
     storage.remove_tree(ctx.path(STAGING))
     index = storage.read_json(ctx.path("curated", "index.json"))
-    weights = clip_config(ctx).weights if ctx.cfg.align.enabled else None
-    return counters, {"samples": index["samples"], "shards": len(index["shards"]), "clip_weights": weights}
+    return counters, {"samples": index["samples"], "shards": len(index["shards"]),
+                      "clip_weights": clip_config(ctx).weights}
 
 
 # ----------------------------------------------------------------------------- phase: models
