@@ -14,7 +14,6 @@ import json
 import logging
 import math
 import random
-import tarfile
 import time
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -257,27 +256,12 @@ def document_embedding(image_emb: np.ndarray | None, text_emb: np.ndarray | None
 
 
 def iter_curated_samples(shard_urls: Iterable[str]) -> Iterator[dict[str, Any]]:
-    """Stream `{key, jpg, meta}` samples from webdataset tar shards, one member at a time, so
-    the corpus is never held in memory; members sharing a key form one sample."""
+    """Stream `{key, jpg, meta}` samples from curated tar shards (never the whole corpus)."""
+    from tokenizer.shards import iter_shard
+
     for url in shard_urls:
-        with fsspec.open(url, "rb") as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
-            current: dict[str, Any] = {}
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, _, ext = member.name.rpartition("/")[2].partition(".")
-                if current and current["key"] != key:
-                    if "jpg" in current and "meta" in current:
-                        yield current
-                    current = {}
-                current["key"] = key
-                payload = tar.extractfile(member).read()
-                if ext == "jpg":
-                    current["jpg"] = payload
-                elif ext == "json":
-                    current["meta"] = json.loads(payload)
-            if "jpg" in current and "meta" in current:
-                yield current
+        for sample in iter_shard(url):
+            yield {"key": sample.key, "jpg": sample.jpeg, "meta": sample.meta}
 
 
 def _training_pairs(shard_urls: Sequence[str], buffer: int, rng: random.Random) -> Iterator[tuple[bytes, str]]:

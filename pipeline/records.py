@@ -105,7 +105,7 @@ class Asset:
     source_height: int | None = None
     source_mode: str | None = None
     image: bytes | None = field(default=None, repr=False)  # normalised JPEG
-    image_uri: str | None = None  # where the normalised JPEG was staged (then `image` is None)
+    image_uri: str | None = None  # staged JPEG as `file@offset:length` (then `image` is None)
     pixel_sha256: str | None = None  # of the normalised pixels, for cross-encoding exact dedup
     # dedup / alignment (filled by later stages)
     phash: str | None = None
@@ -124,10 +124,18 @@ class Asset:
             return self.image
         if self.image_uri is None:
             raise ValueError(f"asset {self.asset_id} has no decoded image")
-        import fsspec
+        url, _, span = self.image_uri.rpartition("@")
+        offset, _, length = span.partition(":")
+        if not url or not length.isdigit():
+            url, offset, length = self.image_uri, "0", "-1"
+        opener = open if "://" not in url else None  # local staging: skip fsspec's URL handling
+        if opener is None:
+            import fsspec
 
-        with fsspec.open(self.image_uri, "rb") as handle:
-            return handle.read()
+            opener = fsspec.open
+        with opener(url, "rb") as handle:
+            handle.seek(int(offset))
+            return handle.read(int(length))
 
     def replace(self, **changes: Any) -> "Asset":
         return dataclasses.replace(self, **changes)

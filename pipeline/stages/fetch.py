@@ -76,7 +76,9 @@ def read_bytes(url: str, cfg: FetchConfig, sleep=time.sleep) -> bytes:
     last: Exception | None = None
     for attempt in range(cfg.retries + 1):
         try:
-            with fsspec.open(url, "rb") as handle:
+            local = "://" not in url or url.startswith("file://")
+            path = url[len("file://"):] if url.startswith("file://") else url
+            with (open(path, "rb") if local else fsspec.open(url, "rb")) as handle:
                 data = handle.read(cfg.max_bytes + 1)
             if len(data) > cfg.max_bytes:
                 raise Reject(RejectReason.FETCH_FAILED, f"object is larger than fetch.max_bytes={cfg.max_bytes}")

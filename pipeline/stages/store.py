@@ -147,24 +147,51 @@ def write_shard(out_dir: str, shard: int, records: Iterable[tuple[str, Asset]]) 
 
 
 class StageImages(beam.DoFn):
-    """Spill each normalised JPEG to `staging_dir` so later shuffles carry only paths.
+    """Spill normalised JPEGs to `staging_dir` so later shuffles carry only small records.
 
     Grouping records into shards is a shuffle; with the pixels in the records, a runner
-    holds the whole corpus in memory there. Staged by key, the write is idempotent.
+    holds the whole corpus in memory there. Each bundle appends its images to one staging
+    file (one open per bundle, not per image) and the record keeps `file@offset:length`.
+    The staging folder is cleared whenever its step (re)starts.
     """
 
     def __init__(self, staging_dir: str):
         super().__init__()
         self.staging_dir = staging_dir
+        self._handle = None
+        self._url = ""
+        self._offset = 0
+
+    def start_bundle(self) -> None:
+        self._handle = None
+
+    def _open(self) -> None:
+        import uuid
+
+        from fsspec.core import url_to_fs
+
+        fs, path = url_to_fs(self.staging_dir)
+        fs.makedirs(path, exist_ok=True)
+        self._url = storage.join(self.staging_dir, f"{uuid.uuid4().hex}.bin")
+        self._handle = fs.open(storage.join(path, self._url.rsplit("/", 1)[-1]), "wb")
+        self._offset = 0
 
     def process(self, asset: Asset):
         if asset.image is None:
             yield asset
             return
-        key = storage.asset_key(asset.asset_id)
-        url = storage.join(self.staging_dir, key[:2], f"{key}.jpg")
-        storage.write_bytes(url, asset.image)
-        yield asset.replace(image=None, image_uri=url)
+        if self._handle is None:
+            self._open()
+        self._handle.write(asset.image)
+        self._handle.flush()  # a consumer fused into this bundle may read it right away
+        uri = f"{self._url}@{self._offset}:{len(asset.image)}"
+        self._offset += len(asset.image)
+        yield asset.replace(image=None, image_uri=uri)
+
+    def finish_bundle(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
 
 
 class _WriteShard(beam.DoFn):
@@ -254,20 +281,10 @@ def asset_from_sample(meta: dict[str, Any], jpeg: bytes) -> Asset:
 
 def read_shard(url: str) -> Iterable[Asset]:
     """Stream the assets of one curated tar shard (pairs `KEY.jpg` with `KEY.json`)."""
-    import fsspec
+    from tokenizer.shards import iter_shard
 
-    pending: dict[str, dict[str, bytes]] = {}
-    with fsspec.open(url, "rb") as handle, tarfile.open(fileobj=handle, mode="r|") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, _, ext = member.name.rpartition("/")[-1].partition(".")
-            data = tar.extractfile(member).read()
-            parts = pending.setdefault(key, {})
-            parts[ext] = data
-            if "jpg" in parts and "json" in parts:
-                del pending[key]
-                yield asset_from_sample(json.loads(parts["json"]), parts["jpg"])
+    for sample in iter_shard(url):
+        yield asset_from_sample(sample.meta, sample.jpeg)
 
 
 class ReadCuratedStore(beam.PTransform):
