@@ -24,7 +24,8 @@ test: install
 bench: install
 	$(BIN)/python benchmarks/ingest.py
 	$(BIN)/python benchmarks/dedup.py
-	$(BIN)/python benchmarks/clip.py
+	$(BIN)/python benchmarks/clip.py throughput
+	$(BIN)/python benchmarks/clip.py index
 	$(BIN)/python benchmarks/vq.py
 
 clean:
