@@ -9,7 +9,6 @@ the curated images as float16 Parquet (layout in docs/alignment.md).
 
 from __future__ import annotations
 
-import io
 import logging
 from typing import Any, Iterable
 
@@ -24,6 +23,7 @@ from pipeline.config import AlignConfig, ClipConfig
 from pipeline.clip import ClipEmbedder, caption_scores, document_embedding, reduce_scores, text_embedding
 from pipeline.records import Asset, RejectReason
 from pipeline.stages.base import REJECTED, Reject, StageCounters, StageDoFn
+from pipeline.stages.store import WriteKeyedParquet
 
 log = logging.getLogger(__name__)
 
@@ -225,38 +225,6 @@ def embeddings_table(rows: list[dict[str, Any]]):
     })
 
 
-class _WriteShard(beam.DoFn):
-    def __init__(self, out_dir: str, prefix: str):
-        super().__init__()
-        self.out_dir = out_dir.rstrip("/")
-        self.prefix = prefix
-
-    def process(self, item: tuple[int, Iterable[dict[str, Any]]]) -> Iterable[str]:
-        import pyarrow.parquet as pq
-
-        shard, rows = item
-        buf = io.BytesIO()
-        pq.write_table(embeddings_table(list(rows)), buf)
-        url = f"{self.out_dir}/{self.prefix}-{shard:06d}.parquet"
-        storage.write_bytes(url, buf.getvalue())
-        yield url
-
-
-class WriteEmbeddings(beam.PTransform):
-    """Write embedding rows to `out_dir/embeddings-NNNNNN.parquet` (shard = stable hash of
-    key, rows sorted by key, atomic rename); yields the written URLs."""
-
-    def __init__(self, out_dir: str, num_shards: int = 4, prefix: str = "embeddings", label: str | None = None):
-        super().__init__(label)
-        if num_shards < 1:
-            raise ValueError("num_shards must be >= 1")
-        self.out_dir, self.num_shards, self.prefix = out_dir, num_shards, prefix
-
-    def expand(self, rows: beam.PCollection):
-        n = self.num_shards
-        return (
-            rows
-            | "Shard" >> beam.Map(lambda r: (storage.stable_bucket(r["key"], n), r))
-            | "Group" >> beam.GroupByKey()
-            | "Write" >> beam.ParDo(_WriteShard(self.out_dir, self.prefix))
-        )
+def WriteEmbeddings(out_dir: str, num_shards: int = 4, prefix: str = "embeddings", label: str | None = None):
+    """Embedding rows -> `out_dir/embeddings-NNNNNN.parquet` (stable shard per key, sorted)."""
+    return WriteKeyedParquet(out_dir, prefix, embeddings_table, num_shards, label)

@@ -8,7 +8,6 @@ Output: `OUT/index/neighbours-NNNNNN.parquet` with key → neighbour_keys + scor
 
 from __future__ import annotations
 
-import io
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -21,6 +20,7 @@ from apache_beam.utils import shared
 from pipeline import storage
 from pipeline.config import ClipConfig
 from pipeline.clip import ClipEmbedder, document_embedding, normalise
+from pipeline.stages.store import WriteKeyedParquet
 from pipeline.retrieval import (
     LoadedIndex,
     NeighbourConfig,
@@ -163,36 +163,6 @@ def neighbours_table(rows: list[dict[str, Any]]):
     })
 
 
-class _WriteNeighbourShard(beam.DoFn):
-    def __init__(self, out_dir: str):
-        super().__init__()
-        self.out_dir = out_dir.rstrip("/")
-
-    def process(self, item: tuple[int, Iterable[dict[str, Any]]]) -> Iterable[str]:
-        import pyarrow.parquet as pq
-
-        shard, rows = item
-        buf = io.BytesIO()
-        pq.write_table(neighbours_table(list(rows)), buf)
-        url = f"{self.out_dir}/neighbours-{shard:06d}.parquet"
-        storage.write_bytes(url, buf.getvalue())
-        yield url
-
-
-class WriteNeighbours(beam.PTransform):
-    """Write neighbour rows to `out_dir/neighbours-NNNNNN.parquet` (stable shard per key)."""
-
-    def __init__(self, out_dir: str, num_shards: int = 4, label: str | None = None):
-        super().__init__(label)
-        if num_shards < 1:
-            raise ValueError("num_shards must be >= 1")
-        self.out_dir, self.num_shards = out_dir, num_shards
-
-    def expand(self, rows: beam.PCollection):
-        n = self.num_shards
-        return (
-            rows
-            | "Shard" >> beam.Map(lambda r: (storage.stable_bucket(r["key"], n), r))
-            | "Group" >> beam.GroupByKey()
-            | "Write" >> beam.ParDo(_WriteNeighbourShard(self.out_dir))
-        )
+def WriteNeighbours(out_dir: str, num_shards: int = 4, label: str | None = None):
+    """Neighbour rows -> `out_dir/neighbours-NNNNNN.parquet` (stable shard per key, sorted)."""
+    return WriteKeyedParquet(out_dir, "neighbours", neighbours_table, num_shards, label)

@@ -304,3 +304,39 @@ class ReadCuratedStore(beam.PTransform):
             | "ShardUrls" >> beam.Create(shards)
             | "ReadShard" >> beam.FlatMap(read_shard)
         )
+
+
+class _WriteKeyedShard(beam.DoFn):
+    def __init__(self, out_dir: str, prefix: str, to_table):
+        super().__init__()
+        self.out_dir = out_dir.rstrip("/")
+        self.prefix = prefix
+        self.to_table = to_table
+
+    def process(self, item: tuple[int, Iterable[dict[str, Any]]]) -> Iterable[str]:
+        shard, rows = item
+        buf = io.BytesIO()
+        pq.write_table(self.to_table(list(rows)), buf)
+        url = f"{self.out_dir}/{self.prefix}-{shard:06d}.parquet"
+        storage.write_bytes(url, buf.getvalue())
+        yield url
+
+
+class WriteKeyedParquet(beam.PTransform):
+    """Dict rows with a `key` -> `out_dir/<prefix>-NNNNNN.parquet`: shard = stable hash of the
+    key, `to_table` (a module-level function) sorts and types the rows, atomic writes; yields URLs."""
+
+    def __init__(self, out_dir: str, prefix: str, to_table, num_shards: int = 4, label: str | None = None):
+        super().__init__(label)
+        if num_shards < 1:
+            raise ValueError("num_shards must be >= 1")
+        self.out_dir, self.prefix, self.to_table, self.num_shards = out_dir, prefix, to_table, num_shards
+
+    def expand(self, rows: beam.PCollection):
+        n = self.num_shards
+        return (
+            rows
+            | "Shard" >> beam.Map(lambda r: (storage.stable_bucket(r["key"], n), r))
+            | "Group" >> beam.GroupByKey()
+            | "Write" >> beam.ParDo(_WriteKeyedShard(self.out_dir, self.prefix, self.to_table))
+        )
