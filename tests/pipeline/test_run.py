@@ -185,3 +185,24 @@ def test_partial_outputs_of_a_crashed_phase_are_replaced(first_run, tmp_path):
     report = run(config(corpus, out), until="curated", beam_flags=IN_MEMORY)
     assert [r.skipped for r in report.steps] == [False, False, False]
     assert tree_digest(out, "curated", "ledger") == reference
+
+
+@pytest.mark.slow
+def test_align_step_with_semantic_dedup_keeps_the_ledger_whole(tiny_corpus, tmp_path):
+    """CLIP scores + semantic dedup in the align step: every rejection lands in the ledger once,
+    and only kept documents reach the embeddings table."""
+    from pipeline.config import ClipTrainConfig, DedupConfig
+    from pipeline.retrieval import read_embeddings
+
+    cfg = dataclasses.replace(
+        config(tiny_corpus, tmp_path / "out"), align=AlignConfig(mode="off"),
+        clip_train=ClipTrainConfig(max_steps=3, batch_size=8, progress=False),
+        dedup=DedupConfig(semantic=True, semantic_threshold=0.5))
+    report = run(cfg, until="curated", beam_flags=IN_MEMORY)
+    rows = ledger.read_ledger(cfg.out).to_pylist()
+    semantic = [r for r in rows if r["reason"] == "SEMANTIC_DUPLICATE"]
+    kept = {r["asset_id"] for r in rows if r["status"] == "kept"}
+    assert semantic and all(r["dup_of"] in kept and r["clip_score"] is not None for r in semantic)
+    assert report.summary.rows_in == len(rows) == tiny_corpus["rows"]
+    urls = sorted(str(p) for p in (tmp_path / "out" / "curated").glob("embeddings-*.parquet"))
+    assert set(read_embeddings(urls).keys) == {r["key"] for r in rows if r["status"] == "kept"}
