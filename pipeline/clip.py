@@ -21,10 +21,10 @@ import fsspec
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from pipeline import storage
 from pipeline.config import ClipConfig, ClipTrainConfig
+from tokenizer.shards import decode_rgb
 
 log = logging.getLogger(__name__)
 
@@ -214,13 +214,6 @@ class ClipEmbedder:
     @property
     def dim(self) -> int:
         return int(self.model.text_projection.shape[1]) if hasattr(self.model, "text_projection") else 0
-
-
-def decode_rgb(data: bytes) -> Image.Image:
-    """Decode JPEG bytes to RGB (the curated store already normalised them)."""
-    img = Image.open(io.BytesIO(data))
-    img.load()
-    return img.convert("RGB")
 
 
 def caption_scores(image_emb: np.ndarray, caption_embs: np.ndarray) -> np.ndarray:

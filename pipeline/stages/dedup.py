@@ -170,7 +170,24 @@ def _previous_exact_keys(prev: PreviousAsset) -> Iterable[tuple[str, str]]:
         yield "px:" + prev.pixel_sha256, prev.asset_id
 
 
-class DedupExact(beam.PTransform):
+class _DedupStage(beam.PTransform):
+    """Shared set-up of the dedup stages: the config, the stage name, the previous run."""
+
+    def __init__(self, config: DedupConfig, stage: str, previous: beam.PCollection | None = None):
+        super().__init__()
+        if not isinstance(config, DedupConfig):
+            raise TypeError(f"{type(self).__name__} needs a DedupConfig")
+        self.config = config
+        self.stage = stage
+        self.previous = previous
+
+    def previous_hashes(self, assets: beam.PCollection) -> beam.PCollection:
+        if self.previous is not None:
+            return self.previous
+        return assets.pipeline | "Previous" >> ReadPreviousHashes(self.config.previous_run)
+
+
+class DedupExact(_DedupStage):
     """Exact duplicates: one GroupByKey on the pixel hash (or content sha256).
 
     Returns `(kept, rejected)`. The representative follows `representative_rank`; an asset
@@ -178,18 +195,11 @@ class DedupExact(beam.PTransform):
     """
 
     def __init__(self, config: DedupConfig, stage: str = "dedup_exact", previous: beam.PCollection | None = None):
-        super().__init__()
-        if not isinstance(config, DedupConfig):
-            raise TypeError("DedupExact needs a DedupConfig")
-        self.config = config
-        self.stage = stage
-        self.previous = previous
+        super().__init__(config, stage, previous)
 
     def expand(self, assets: beam.PCollection):
         cfg = self.config
-        previous = self.previous
-        if previous is None:
-            previous = assets.pipeline | "Previous" >> ReadPreviousHashes(cfg.previous_run)
+        previous = self.previous_hashes(assets)
         prev_keys = previous | "PreviousKeys" >> beam.FlatMap(_previous_exact_keys)
         keyed = assets | "Key" >> beam.Map(lambda a, px: (_exact_key(a, px), a), cfg.pixel_exact)
         grouped = keyed | "Group" >> beam.GroupByKey()
@@ -393,7 +403,7 @@ def _join_decisions(label: str, stage: str, reason: RejectReason, describe, asse
     return out.kept, out[REJECTED]
 
 
-class DedupNearDuplicates(beam.PTransform):
+class DedupNearDuplicates(_DedupStage):
     """Perceptual-hash near duplicates, clustered over the whole delivery.
 
     Hash per asset (parallel) -> all (asset_id, hash, rank) rows to one place (a 1M-row
@@ -402,18 +412,11 @@ class DedupNearDuplicates(beam.PTransform):
     """
 
     def __init__(self, config: DedupConfig, stage: str = "dedup_near", previous: beam.PCollection | None = None):
-        super().__init__()
-        if not isinstance(config, DedupConfig):
-            raise TypeError("DedupNearDuplicates needs a DedupConfig")
-        self.config = config
-        self.stage = stage
-        self.previous = previous
+        super().__init__(config, stage, previous)
 
     def expand(self, assets: beam.PCollection):
         cfg = self.config
-        previous = self.previous
-        if previous is None:
-            previous = assets.pipeline | "Previous" >> ReadPreviousHashes(cfg.previous_run)
+        previous = self.previous_hashes(assets)
         hashed = assets | "Hash" >> beam.ParDo(_HashAsset(self.stage, cfg)).with_outputs(REJECTED, main="kept")
         prefs = cfg.license_preference
         rows = hashed.kept | "Rows" >> beam.Map(

@@ -22,6 +22,7 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.utils.shared import Shared
 
+from pipeline import storage
 from pipeline.records import Rejected, RejectReason
 from pipeline.stages.base import REJECTED, StageCounters
 
@@ -161,12 +162,6 @@ def _read_shard(url: str) -> Iterator[tuple[str, tuple[bytes, str]]]:
         yield s.key, (s.jpeg, str(s.meta.get("asset_id", s.key)))
 
 
-def _shard_of(key: str, num_shards: int) -> int:
-    import hashlib
-
-    return int.from_bytes(hashlib.sha256(f"codes:{key}".encode()).digest()[:8], "big") % num_shards
-
-
 def _join_row(item: tuple[str, dict[str, list]]) -> Iterator[dict[str, Any]]:
     key, groups = item
     for codes in groups["codes"]:
@@ -239,7 +234,7 @@ def encode_curated_store(curated_dir: str, model_path: str, out_dir: str, pipeli
         {"codes": kept, "asset_id": asset_ids}
         | "Join" >> beam.CoGroupByKey()
         | "Rows" >> beam.FlatMap(_join_row)
-        | "AssignShard" >> beam.Map(lambda r: (_shard_of(r["key"], n_out), r))
+        | "AssignShard" >> beam.Map(lambda r: (storage.stable_bucket(r["key"], n_out), r))
         | "GroupShard" >> beam.GroupByKey()
         | "WriteShard" >> beam.Map(_write_codes_shard, out_dir)
     )

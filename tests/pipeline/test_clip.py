@@ -158,7 +158,7 @@ def test_resume_continues_from_checkpoint(tmp_path, demo_shards):
 
 
 def _reference_embeddings(model: torch.nn.Module, preprocess, tokenizer, jpgs, captions) -> np.ndarray:
-    from pipeline.clip import decode_rgb
+    from tokenizer.shards import decode_rgb
 
     with torch.inference_mode():
         img = model.encode_image(torch.stack([preprocess(decode_rgb(j)) for j in jpgs]))
