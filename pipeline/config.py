@@ -119,6 +119,8 @@ class DedupConfig:
     hash_kind: str = "phash"
     hash_input: str = "auto"  # auto: an upstream phash, else source bytes, else the normalised image
     bucket_cap: int = 256  # band buckets above this are searched recursively, never pairwise
+    engine: str = "auto"  # near-dup search: auto (compiled kernel when numba imports), compiled, numpy
+    threads: int | None = None  # threads for the compiled kernel; None = every core the worker may use
     semantic: bool = False  # needs CLIP embeddings (align stage)
     semantic_threshold: float = 0.95  # cosine similarity of image embeddings
     license_preference: tuple[str, ...] = ()  # earlier license ids win ties in representative choice
@@ -133,6 +135,10 @@ class DedupConfig:
             raise ConfigError(f"hash_input must be one of {HASH_INPUTS}, got {self.hash_input!r}")
         if not isinstance(self.bucket_cap, int) or self.bucket_cap < 2:
             raise ConfigError(f"bucket_cap must be an int >= 2, got {self.bucket_cap!r}")
+        if self.engine not in neardup.ENGINES:
+            raise ConfigError(f"engine must be one of {neardup.ENGINES}, got {self.engine!r}")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise ConfigError(f"threads must be an int >= 1 or null, got {self.threads!r}")
         if not 0.0 < float(self.semantic_threshold) <= 1.0:
             raise ConfigError(f"semantic_threshold must be in (0, 1], got {self.semantic_threshold!r}")
         if isinstance(self.license_preference, str):

@@ -10,6 +10,8 @@ from __future__ import annotations
 import io
 import logging
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
 from itertools import combinations
@@ -181,6 +183,56 @@ class SearchStats:
     plans: list[str] = field(default_factory=list)
 
 
+ENGINES = ("auto", "compiled", "numpy")
+_COMPILED_MIN_PROBES = 200_000  # below this the numpy path wins (no kernel to load)
+_MIN_QUERIES_PER_THREAD = 50_000  # smaller splits cost more in thread start-up than they save
+
+
+@lru_cache(maxsize=1)
+def has_compiled_engine() -> bool:
+    """True when the numba kernel can be imported (numba is a declared dependency; the numpy
+    path stays as the fallback for platforms without it)."""
+    try:
+        import pipeline._neardup_kernel  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def default_threads() -> int:
+    """Cores this process may use (respects CPU affinity, e.g. a container's cpuset)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class _Options:
+    bucket_cap: int
+    engine: str = "auto"
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise ValueError(f"unknown near-dup engine {self.engine!r}; expected one of {ENGINES}")
+        if self.engine == "compiled" and not has_compiled_engine():
+            raise ValueError("engine 'compiled' needs numba, which is not importable here")
+        if self.bucket_cap < 2:
+            raise ValueError("bucket_cap must be >= 2")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError("threads must be >= 1")
+        if self.threads is None:
+            object.__setattr__(self, "threads", default_threads())
+
+    def compiled(self, probes: int) -> bool:
+        if self.engine == "numpy":
+            return False
+        if self.engine == "compiled":
+            return True
+        return probes >= _COMPILED_MIN_PROBES and has_compiled_engine()
+
+
 def _compress(h: np.ndarray, band: Band) -> np.ndarray:
     """Drop the band's bits, shifting the higher bits down (for sub-searches inside a bucket)."""
     low = np.uint64((1 << band.lo) - 1)
@@ -253,16 +305,14 @@ def _verify_block(
 def _flush(
     blocks: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
     sorted_a: np.ndarray,
-    order_a: np.ndarray,
     sorted_b: np.ndarray,
-    order: np.ndarray,
     radius: int,
     stats: SearchStats,
-    out_i: list[np.ndarray],
-    out_j: list[np.ndarray],
+    out_a: list[np.ndarray],
+    out_b: list[np.ndarray],
 ) -> None:
     """Verify queued probes (query position in sorted_a, bucket size, bucket start in
-    sorted_b) in memory-bounded chunks; hits are mapped back to input rows."""
+    sorted_b) in memory-bounded chunks; hits are appended as sorted positions."""
     if not blocks:
         return
     q = np.concatenate([b[0] for b in blocks])
@@ -276,8 +326,138 @@ def _flush(
     cuts = np.unique(np.r_[0, np.searchsorted(csum, np.arange(_PAIR_CHUNK, int(csum[-1]), _PAIR_CHUNK), "right"), len(q)])
     for lo, hi in zip(cuts[:-1], cuts[1:]):
         qi, pos = _verify_block(q[lo:hi], cnt[lo:hi], first[lo:hi], sorted_a, sorted_b, radius)
-        out_i.append(order_a[qi])
-        out_j.append(order[pos])
+        out_a.append(qi)
+        out_b.append(pos)
+
+
+_Deferred = tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]
+_EMPTY = np.empty(0, np.int64)
+
+
+def _cat(parts: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(parts).astype(np.int64, copy=False) if parts else _EMPTY
+
+
+def _probe_band_numpy(
+    sorted_a: np.ndarray,
+    sva: np.ndarray,
+    sorted_b: np.ndarray,
+    counts: np.ndarray,
+    starts: np.ndarray,
+    huge: np.ndarray,
+    masks: np.ndarray,
+    self_join: bool,
+    radius: int,
+    stats: SearchStats,
+) -> tuple[np.ndarray, np.ndarray, _Deferred]:
+    """Probe every query of one band against the table side; vectorised numpy version.
+
+    Returns hits as (position in sorted_a, position in sorted_b) and the probes that landed
+    in huge buckets as deferred (query position, bucket value, flips) for the recursion.
+    """
+    # one int32 gather per probe: bucket size, or -1 for a bucket that is searched recursively
+    lookup = np.where(huge, -1, counts).astype(np.int32)
+    any_huge = bool(huge.any())
+    deferred: _Deferred = ([], [], [])
+    blocks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    out_a: list[np.ndarray] = []
+    out_b: list[np.ndarray] = []
+    if self_join:
+        # same bucket: pair each member with the members after it in sorted order
+        p = np.flatnonzero(lookup[sva] > 1)
+        after = starts[sva[p]] + counts[sva[p]] - p - 1
+        p, after = p[after > 0], after[after > 0]
+        blocks.append((p, after, p + 1))
+    top_bits = np.asarray([int(m).bit_length() - 1 for m in masks])
+    for top in np.unique(top_bits):
+        if self_join:
+            # each unordered pair once: query from the side whose band value is smaller,
+            # i.e. whose value has a 0 at the mask's highest bit
+            q_all = np.flatnonzero(((sva >> top) & 1) == 0)
+        else:
+            q_all = np.arange(len(sva))
+        vq = sva[q_all]
+        for mask in masks[top_bits == top]:
+            flips = int(mask).bit_count()
+            key = vq ^ np.int32(mask)
+            cnt = lookup[key]
+            nz = np.flatnonzero(cnt)
+            q, key, cnt = q_all[nz], key[nz], cnt[nz]
+            if any_huge:
+                big = cnt < 0
+                if big.any():
+                    deferred[0].append(q[big])
+                    deferred[1].append(key[big])
+                    deferred[2].append(np.full(int(big.sum()), flips))
+                    q, key, cnt = q[~big], key[~big], cnt[~big]
+            blocks.append((q, cnt, starts[key]))
+            if sum(len(bq) for bq, _, _ in blocks) > 1 << 20:
+                _flush(blocks, sorted_a, sorted_b, radius, stats, out_a, out_b)
+    _flush(blocks, sorted_a, sorted_b, radius, stats, out_a, out_b)
+    return _cat(out_a), _cat(out_b), deferred
+
+
+def _band_sort(values: np.ndarray, width: int, opts: _Options) -> tuple[np.ndarray, np.ndarray]:
+    """Stable order of band values and the size of every bucket (counting sort when the
+    kernel is in use: linear, where argsort is n log n)."""
+    if opts.compiled(len(values) * 64):
+        from pipeline._neardup_kernel import band_sort
+
+        return band_sort(values, width)
+    return np.argsort(values, kind="stable"), np.bincount(values, minlength=1 << width)
+
+
+def _bitmap(flags: np.ndarray) -> np.ndarray:
+    """Bool array -> uint64 words, bit i of the result = flags[i]."""
+    packed = np.packbits(flags, bitorder="little")
+    return np.pad(packed, (0, -len(packed) % 8)).view(np.uint64)
+
+
+def _probe_band_compiled(
+    sorted_a: np.ndarray,
+    sva: np.ndarray,
+    sorted_b: np.ndarray,
+    counts: np.ndarray,
+    starts: np.ndarray,
+    huge: np.ndarray,
+    masks: np.ndarray,
+    self_join: bool,
+    radius: int,
+    stats: SearchStats,
+    threads: int,
+) -> tuple[np.ndarray, np.ndarray, _Deferred]:
+    """Same contract as `_probe_band_numpy`, with the compiled kernel; the queries are split
+    into one contiguous range per thread (the kernel releases the GIL)."""
+    from pipeline._neardup_kernel import probe_band
+
+    tops = np.asarray([int(m).bit_length() - 1 for m in masks], dtype=np.int64)
+    by_top = np.argsort(tops, kind="stable")  # the kernel walks the masks in runs of one top bit
+    masks64, tops = np.ascontiguousarray(masks[by_top], dtype=np.int64), tops[by_top]
+    bounds = np.empty(len(counts) + 1, np.int64 if len(sorted_b) >= 2**31 else np.int32)
+    bounds[0] = 0
+    np.cumsum(counts, out=bounds[1:])
+    occupied, huge_bits = _bitmap(counts > 0), _bitmap(huge)
+    sva64 = sva.astype(np.int64)
+    n = len(sorted_a)
+    threads = max(1, min(threads, n // _MIN_QUERIES_PER_THREAD))
+    cuts = np.linspace(0, n, threads + 1).astype(np.int64)
+    args = [
+        (sorted_a, sva64, int(lo), int(hi), sorted_b, occupied, huge_bits, bounds, masks64, tops, bool(self_join), np.uint64(radius))
+        for lo, hi in zip(cuts[:-1], cuts[1:])
+    ]
+    if threads == 1:
+        results = [probe_band(*args[0])]
+    else:
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            results = list(pool.map(lambda a: probe_band(*a), args))
+    deferred: _Deferred = ([], [], [])
+    for _, _, cand, dq, dk, dd in results:
+        stats.candidates += int(cand)
+        if len(dq):
+            deferred[0].append(dq)
+            deferred[1].append(dk)
+            deferred[2].append(dd)
+    return _cat([r[0] for r in results]), _cat([r[1] for r in results]), deferred
 
 
 def _join(
@@ -285,7 +465,7 @@ def _join(
     b: np.ndarray | None,
     nbits: int,
     radius: int,
-    cap: int,
+    opts: _Options,
     depth: int,
     stats: SearchStats,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -319,67 +499,37 @@ def _join(
         bmask = np.uint64((1 << band.width) - 1)
         va = ((a >> shift) & bmask).astype(np.int32)
         vb = va if self_join else ((bb >> shift) & bmask).astype(np.int32)
-        order = np.argsort(vb, kind="stable")
+        order, counts = _band_sort(vb, band.width, opts)
         sorted_b = bb[order]
-        counts = np.bincount(vb, minlength=1 << band.width)
         starts = (np.cumsum(counts) - counts).astype(np.int64)
-        huge = counts > cap
-        any_huge = bool(huge.any())
+        huge = counts > opts.bucket_cap
         stats.huge_buckets += int(huge.sum()) if depth == 0 else 0
-        # one int32 gather per probe: bucket size, or -1 for a bucket that is searched recursively
-        lookup = np.where(huge, -1, counts).astype(np.int32)
-        deferred_q: list[np.ndarray] = []
-        deferred_key: list[np.ndarray] = []
-        deferred_d: list[np.ndarray] = []
-        blocks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         # queries walk in band-value order: probe keys then rise monotonically within runs,
         # so table gathers stay cache friendly (the search is bound by those gathers)
         if self_join:
             order_a, sorted_a, sva = order, sorted_b, vb[order]
-            # same bucket: pair each member with the members after it in sorted order
-            p = np.flatnonzero(lookup[sva] > 1)
-            after = starts[sva[p]] + counts[sva[p]] - p - 1
-            p, after = p[after > 0], after[after > 0]
-            blocks.append((p, after, p + 1))
         else:
-            order_a = np.argsort(va, kind="stable")
+            order_a = _band_sort(va, band.width, opts)[0]
             sorted_a, sva = a[order_a], va[order_a]
         masks = _flip_masks(band.width, band.threshold)
         if self_join:
             masks = masks[1:]
-        top_bits = np.asarray([int(m).bit_length() - 1 for m in masks])
-        for top in np.unique(top_bits):
-            if self_join:
-                # each unordered pair once: query from the side whose band value is smaller,
-                # i.e. whose value has a 0 at the mask's highest bit
-                q_all = np.flatnonzero(((sva >> top) & 1) == 0)
-            else:
-                q_all = np.arange(n_a)
-            vq = sva[q_all]
-            for mask in masks[top_bits == top]:
-                flips = int(mask).bit_count()
-                key = vq ^ np.int32(mask)
-                cnt = lookup[key]
-                nz = np.flatnonzero(cnt)
-                q, key, cnt = q_all[nz], key[nz], cnt[nz]
-                if any_huge:
-                    big = cnt < 0
-                    if big.any():
-                        deferred_q.append(order_a[q[big]])
-                        deferred_key.append(key[big])
-                        deferred_d.append(np.full(int(big.sum()), flips))
-                        q, key, cnt = q[~big], key[~big], cnt[~big]
-                blocks.append((q, cnt, starts[key]))
-                if sum(len(bq) for bq, _, _ in blocks) > 1 << 20:
-                    _flush(blocks, sorted_a, order_a, sorted_b, order, radius, stats, out_i, out_j)
-        _flush(blocks, sorted_a, order_a, sorted_b, order, radius, stats, out_i, out_j)
-        _flush(blocks, sorted_a, order_a, sorted_b, order, radius, stats, out_i, out_j)
+        if opts.compiled(len(sorted_a) * len(masks)):
+            hit_a, hit_b, deferred = _probe_band_compiled(
+                sorted_a, sva, sorted_b, counts, starts, huge, masks, self_join, radius, stats, opts.threads
+            )
+        else:
+            hit_a, hit_b, deferred = _probe_band_numpy(sorted_a, sva, sorted_b, counts, starts, huge, masks, self_join, radius, stats)
+        out_i.append(order_a[hit_a])
+        out_j.append(order[hit_b])
+        deferred_q, deferred_key, deferred_d = deferred
+        deferred_q = [order_a[q] for q in deferred_q]
         # huge buckets: recurse on the remaining bits (exact; band bits are fixed or known)
         if self_join:
             for value in np.flatnonzero(huge):
                 members = order[starts[value] : starts[value] + counts[value]]
                 stats.recursions += 1
-                ri, rj = _join(_compress(a[members], band), None, nbits - band.width, radius, cap, depth + 1, stats)
+                ri, rj = _join(_compress(a[members], band), None, nbits - band.width, radius, opts, depth + 1, stats)
                 out_i.append(members[ri])
                 out_j.append(members[rj])
         if deferred_q:
@@ -399,7 +549,7 @@ def _join(
                     _compress(bb[members], band),
                     nbits - band.width,
                     radius - int(dd[s:e].min()),
-                    cap,
+                    opts,
                     depth + 1,
                     stats,
                 )
@@ -422,7 +572,14 @@ class Pairs:
         return len(self.i)
 
 
-def find_pairs(hashes: np.ndarray, radius: int, bucket_cap: int = 256, stats: SearchStats | None = None) -> Pairs:
+def find_pairs(
+    hashes: np.ndarray,
+    radius: int,
+    bucket_cap: int = 256,
+    stats: SearchStats | None = None,
+    engine: str = "auto",
+    threads: int | None = None,
+) -> Pairs:
     """Every pair of *distinct* hash values within `radius` bits, each reported once as the
     pair of the first rows that hold the two values (i < j).
 
@@ -433,10 +590,25 @@ def find_pairs(hashes: np.ndarray, radius: int, bucket_cap: int = 256, stats: Se
     spread-out hashes; buckets above `bucket_cap` are searched recursively on the other bits,
     and only data that is genuinely dense within the radius falls back to comparing pairs.
     """
-    stats = stats if stats is not None else SearchStats()
     h = np.ascontiguousarray(hashes, dtype=np.uint64)
     uniq, first_row = np.unique(h, return_index=True)
-    ui, uj = _join(uniq, None, HASH_BITS, int(radius), int(bucket_cap), 0, stats)
+    return _find_pairs_unique(h, uniq, first_row, radius, bucket_cap, stats, engine, threads)
+
+
+def _find_pairs_unique(
+    h: np.ndarray,
+    uniq: np.ndarray,
+    first_row: np.ndarray,
+    radius: int,
+    bucket_cap: int,
+    stats: SearchStats | None,
+    engine: str,
+    threads: int | None,
+) -> Pairs:
+    """`find_pairs` given np.unique's values and first rows (shared with `cluster`)."""
+    stats = stats if stats is not None else SearchStats()
+    opts = _Options(int(bucket_cap), engine, threads)
+    ui, uj = _join(uniq, None, HASH_BITS, int(radius), opts, 0, stats)
     if len(ui):
         lo, hi = np.minimum(ui, uj), np.maximum(ui, uj)
         key = np.unique(lo * len(uniq) + hi)  # a pair may be found through several bands
@@ -499,6 +671,8 @@ def cluster(
     radius: int,
     priority: np.ndarray | None = None,
     bucket_cap: int = 256,
+    engine: str = "auto",
+    threads: int | None = None,
 ) -> Clusters:
     """Single-linkage clusters of hashes within `radius`, one representative each.
 
@@ -509,9 +683,9 @@ def cluster(
     h = np.ascontiguousarray(hashes, dtype=np.uint64)
     n = len(h)
     stats = SearchStats()
-    pairs = find_pairs(h, radius, bucket_cap, stats)
+    uniq, first_row, inverse = np.unique(h, return_index=True, return_inverse=True)
+    pairs = _find_pairs_unique(h, uniq, first_row, radius, bucket_cap, stats, engine, threads)
     # identical hashes: link every row to the first row with that value (linear)
-    _, first_row, inverse = np.unique(h, return_index=True, return_inverse=True)
     same_i = first_row[inverse].astype(np.int64)
     rows = np.arange(n, dtype=np.int64)
     dup = same_i != rows

@@ -251,7 +251,9 @@ def _decisions(ids: list[str], n_prev: int, label: np.ndarray, rep: np.ndarray, 
         )
 
 
-def _cluster_hashes(rows: list[_Row], previous: list[PreviousAsset], radius: int, cap: int) -> Iterable[tuple[str, _Decision]]:
+def _cluster_hashes(
+    rows: list[_Row], previous: list[PreviousAsset], radius: int, cap: int, engine: str = "auto", threads: int | None = None
+) -> Iterable[tuple[str, _Decision]]:
     """Run the numpy core once over the whole delivery (plus previous hashes, which rank first)."""
     prev, prev_values = [], []
     for p in previous:
@@ -266,7 +268,7 @@ def _cluster_hashes(rows: list[_Row], previous: list[PreviousAsset], radius: int
     ids = [p.asset_id for p in prev] + [r.asset_id for r in rows]
     hashes = np.asarray(prev_values + [r.value for r in rows], dtype=np.uint64)
     prio = np.concatenate([np.arange(len(prev)), len(prev) + _priority([r.rank for r in rows])])
-    result = neardup.cluster(hashes, radius, prio, cap)
+    result = neardup.cluster(hashes, radius, prio, cap, engine=engine, threads=threads)
     log.info(
         "near-dup: %d hashes (%d previous), %d duplicates, candidates=%d huge_buckets=%d recursions=%d",
         len(hashes), len(prev), len(result.duplicates()), result.stats.candidates,
@@ -424,7 +426,7 @@ class DedupNearDuplicates(_DedupStage):
         )
         gathered = rows | "Gather" >> beam.CombineGlobally(beam.combiners.ToListCombineFn())
         decisions = gathered | "Cluster" >> beam.FlatMap(
-            _cluster_hashes, beam.pvalue.AsList(previous), cfg.hamming_radius, cfg.bucket_cap
+            _cluster_hashes, beam.pvalue.AsList(previous), cfg.hamming_radius, cfg.bucket_cap, cfg.engine, cfg.threads
         )
         kept, rejected = _join_decisions(
             "", self.stage, RejectReason.NEAR_DUPLICATE, _describe_near(cfg.hamming_radius), hashed.kept, decisions, False

@@ -166,6 +166,10 @@ def test_config_is_validated() -> None:
         DedupConfig(bucket_cap=1)
     with pytest.raises(ValueError):
         DedupConfig(semantic_threshold=1.5)
+    with pytest.raises(ValueError, match="engine"):
+        DedupConfig(engine="gpu")
+    with pytest.raises(ValueError, match="threads"):
+        DedupConfig(threads=0)
     with pytest.raises(ValueError):
         DedupConfig(license_preference="CC0-1.0")
     with pytest.raises(TypeError):
@@ -217,9 +221,10 @@ def test_exact_stage_license_preference_and_no_pixel_pass(corpus) -> None:
     )
 
 
-def test_near_stage_on_real_photos(corpus) -> None:
+@pytest.mark.parametrize("engine", ["numpy", "compiled"])
+def test_near_stage_on_real_photos(corpus, engine: str) -> None:
     assets = [a for k, a in corpus.items() if k not in ("z-copy-a1", "png-a2")] + [_bad_asset()]
-    cfg = DedupConfig()
+    cfg = DedupConfig(engine=engine, threads=2)
 
     def kept_check(actual: list[Asset]) -> None:
         _ids({"a1", "a2", "a3", "a4", "a5", "a6", "flip-a5"})(actual)

@@ -42,14 +42,25 @@ def _skewed_hashes(rng: np.random.Generator, n: int) -> np.ndarray:
     return h
 
 
+# (engine, threads): the numpy path, the compiled kernel on one thread, and the kernel with
+# the queries split over three threads (the split threshold is lowered for these sizes)
+ENGINES = [("numpy", 1), ("compiled", 1), ("compiled", 3)]
+
+
+@pytest.fixture
+def small_thread_split(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(nd, "_MIN_QUERIES_PER_THREAD", 50)
+
+
+@pytest.mark.parametrize("engine,threads", ENGINES)
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("cap", [4, 64, 4096])
-def test_find_pairs_is_exact_against_brute_force(seed: int, cap: int) -> None:
+def test_find_pairs_is_exact_against_brute_force(seed: int, cap: int, engine: str, threads: int, small_thread_split) -> None:
     rng = np.random.default_rng(seed)
     n = int(rng.integers(200, 1500))
     radius = int(rng.integers(1, 14))
     h = _skewed_hashes(rng, n)
-    pairs = nd.find_pairs(h, radius, bucket_cap=cap)
+    pairs = nd.find_pairs(h, radius, bucket_cap=cap, engine=engine, threads=threads)
     got = set(zip(pairs.i.tolist(), pairs.j.tolist()))
     assert got == _reference_pairs(h, radius)
     assert len(got) == len(pairs)  # each pair once
@@ -74,7 +85,8 @@ def test_plan_at_scale_is_not_plain_pigeonhole() -> None:
     assert plan is not None and min(b.width for b in plan) >= 20
 
 
-def test_huge_buckets_do_not_go_quadratic() -> None:
+@pytest.mark.parametrize("engine,threads", ENGINES)
+def test_huge_buckets_do_not_go_quadratic(engine: str, threads: int, small_thread_split) -> None:
     """3,000 identical blank hashes and 4,000 distinct hashes sharing one band value."""
     rng = np.random.default_rng(7)
     random_part = rng.integers(0, np.iinfo(np.uint64).max, size=8_000, dtype=np.uint64, endpoint=True)
@@ -84,18 +96,49 @@ def test_huge_buckets_do_not_go_quadratic() -> None:
     h = np.concatenate([random_part, blank, skew, copies])
     stats = nd.SearchStats()
     t0 = time.perf_counter()
-    pairs = nd.find_pairs(h, RADIUS, bucket_cap=64, stats=stats)
+    pairs = nd.find_pairs(h, RADIUS, bucket_cap=64, stats=stats, engine=engine, threads=threads)
     assert time.perf_counter() - t0 < 10
     assert stats.huge_buckets >= 1 and stats.recursions >= 1
     # all pairs inside the skewed bucket alone would be 8M comparisons
     assert stats.candidates + stats.brute_force_pairs < 2_000_000, stats
     assert set(zip(pairs.i.tolist(), pairs.j.tolist())) == _reference_pairs(h, RADIUS)
-    clusters = nd.cluster(h, RADIUS, bucket_cap=64)
+    clusters = nd.cluster(h, RADIUS, bucket_cap=64, engine=engine, threads=threads)
     blank_rows = np.arange(8_000, 11_000)
     assert len(set(clusters.label[blank_rows].tolist())) == 1
     skew_rows = np.arange(11_000, 11_050)
     copy_rows = np.arange(15_000, 15_050)
     assert np.all(clusters.label[skew_rows] == clusters.label[copy_rows])
+
+
+def test_engines_agree_at_the_planned_scale() -> None:
+    """60k hashes with planted copies: the planner picks wide bands with 2 flips (the 1M
+    plan's shape) and auto selects the kernel; both engines return the same pairs, and every
+    planted copy is among them."""
+    rng = np.random.default_rng(11)
+    h = rng.integers(0, np.iinfo(np.uint64).max, size=60_000, dtype=np.uint64, endpoint=True)
+    src = rng.choice(60_000, size=2_000, replace=False)
+    dst = rng.choice(np.setdiff1d(np.arange(60_000), src), size=2_000, replace=False)
+    flips = np.zeros(2_000, dtype=np.uint64)
+    for _ in range(RADIUS):
+        flips |= np.uint64(1) << rng.integers(0, 64, size=2_000).astype(np.uint64)
+    h[dst] = h[src] ^ flips
+    plan = nd.plan_bands(60_000, 60_000, 64, RADIUS)
+    assert plan is not None and max(b.threshold for b in plan) >= 2
+    numpy_stats, auto_stats = nd.SearchStats(), nd.SearchStats()
+    a = nd.find_pairs(h, RADIUS, stats=numpy_stats, engine="numpy")
+    b = nd.find_pairs(h, RADIUS, stats=auto_stats, engine="auto", threads=2)
+    assert np.array_equal(a.i, b.i) and np.array_equal(a.j, b.j) and np.array_equal(a.distance, b.distance)
+    assert numpy_stats.candidates == auto_stats.candidates  # same probes, same buckets
+    found = set(zip(a.i.tolist(), a.j.tolist()))
+    assert all((min(x, y), max(x, y)) in found for x, y in zip(src.tolist(), dst.tolist()))
+
+
+def test_engine_and_threads_are_validated() -> None:
+    h = np.arange(10, dtype=np.uint64)
+    with pytest.raises(ValueError, match="engine"):
+        nd.find_pairs(h, 2, engine="gpu")
+    with pytest.raises(ValueError, match="threads"):
+        nd.find_pairs(h, 2, threads=0)
 
 
 def test_connected_components_chain_and_representative() -> None:
