@@ -32,7 +32,12 @@ IMAGES = ROOT / "manifests" / "demo" / "images"
 
 
 def bare_decode(path: str, size: int = 256) -> int:
-    """The floor: read, draft-decode, RGB, shorter-side resize, centre crop."""
+    """The floor: read, draft-decode, RGB, shorter-side resize + centre crop.
+
+    The resize + crop is the same single resample of the centre square that the decode
+    stage does (a full-frame resize followed by a crop costs ~40 % more per image), so the
+    ratio measures the pipeline's overhead, not a difference in the image work.
+    """
     with open(path, "rb") as handle:
         data = handle.read()
     img = Image.open(io.BytesIO(data))
@@ -41,10 +46,10 @@ def bare_decode(path: str, size: int = 256) -> int:
     img.draft("RGB", (math.ceil(w * size / short), math.ceil(h * size / short)))
     img = img.convert("RGB")
     w, h = img.size
-    scale = size / min(w, h)
-    img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BICUBIC)
-    left, top = (img.width - size) // 2, (img.height - size) // 2
-    return len(img.crop((left, top, left + size, top + size)).tobytes())
+    side = min(w, h)
+    left, top = (w - side) / 2, (h - side) / 2
+    img = img.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + side, top + side), reducing_gap=3.0)
+    return len(img.tobytes())
 
 
 def make_manifest(folder: Path, rows: int) -> Path:
@@ -142,6 +147,10 @@ def main() -> None:
         big = args.rows * args.scale
         print(f"curated phase at {big} rows  : {big / big_s:8.1f} images/s ({big_s:.1f} s); "
               f"ratio vs bare {big / big_s / bare_ips:.2f} (startup amortised)")
+        # the cost of one more image: what the two runs differ by, over the rows they differ by
+        marginal = (big - args.rows) / (big_s - pipe_s)
+        print(f"marginal throughput           : {marginal:8.1f} images/s; ratio vs bare {marginal / bare_ips:.2f} "
+              f"(fixed cost per run: {pipe_s - args.rows / marginal:.1f} s)")
     if rss_big is not None:
         print(f"peak RSS at {args.rows * args.scale:>7} rows  : {rss_big / 2**20:8.0f} MiB "
               f"(ratio {rss_big / rss_small:.2f} for {args.scale}x rows; flat = ~1)")

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from pipeline import storage
 from pipeline.records import Asset, Rejected
 
-ROWS_PER_FILE = 250_000
+ROWS_PER_FILE = 5_000
 
 LEDGER_SCHEMA = pa.schema([
     ("manifest_uri", pa.string()),

@@ -112,7 +112,32 @@ def _counters(result: Any) -> dict[str, int]:
     return dict(sorted(counters.items()))
 
 
+def limit_malloc_arenas(arenas: int = 2) -> None:
+    """Cap glibc's malloc arenas for this process and the local Beam workers it starts.
+
+    glibc gives each thread that allocates its own arena (up to 8 per core), and memory
+    freed in one arena is not reused by another; with the SDK harness's thread pool and
+    gRPC threads, the local runner's processes then grow with every bundle. Two arenas cut
+    the growth measured by benchmarks/ingest.py (docs/benchmarks.md). A value the user set
+    in MALLOC_ARENA_MAX wins; on a non-glibc system this does nothing.
+    """
+    if "MALLOC_ARENA_MAX" in os.environ:
+        return
+    os.environ["MALLOC_ARENA_MAX"] = str(arenas)  # inherited by the worker processes
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-8, arenas)  # M_ARENA_MAX, for this process
+    except (OSError, AttributeError):
+        pass
+
+
 def run_beam(build: Callable[[beam.Pipeline], None], options: PipelineOptions) -> dict[str, int]:
+    from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
+
+    if str(options.view_as(StandardOptions).runner or "DirectRunner") in ("DirectRunner", "direct"):
+        if options.view_as(DirectOptions).direct_running_mode == "multi_processing":
+            limit_malloc_arenas()
     pipeline = beam.Pipeline(options=options)
     build(pipeline)
     result = pipeline.run()

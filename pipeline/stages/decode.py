@@ -63,12 +63,16 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 def _centre_square(img: Image.Image, size: int) -> Image.Image:
+    """Shorter-side resize + centre crop, done as one resample of the centre square.
+
+    Resampling only the source box that survives the crop (Pillow's `box`; the filter still
+    reads the pixels just outside it, as a full resize would) skips the columns or rows the
+    crop throws away: a quarter of the work for a 4:3 photo.
+    """
     w, h = img.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    img = img.resize((nw, nh), Image.Resampling.BICUBIC, reducing_gap=3.0)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    return img.crop((left, top, left + size, top + size))
+    side = min(w, h)
+    left, top = (w - side) / 2, (h - side) / 2
+    return img.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + side, top + side), reducing_gap=3.0)
 
 
 def decode_image(data: bytes, cfg: DecodeConfig, hash_kind: str | None = None) -> DecodedImage:

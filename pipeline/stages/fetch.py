@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 import posixpath
@@ -66,6 +67,37 @@ class _Transient(Exception):
     pass
 
 
+_CHUNK = 1 << 20
+
+
+def _read_capped(handle, cap: int) -> bytes:
+    """Read at most cap + 1 bytes (one more than allowed tells an oversized object apart).
+
+    Never asks for `cap + 1` bytes in one call: `read(n)` allocates n bytes up front, and a
+    64 MiB buffer per image both costs time and, once glibc raises its mmap threshold,
+    fragments the heap so a worker's RSS grows with every image it has fetched. The size is
+    taken from the file when it is known, else the object is read in 1 MiB chunks.
+    """
+    size = None
+    try:
+        size = os.fstat(handle.fileno()).st_size
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        size = getattr(handle, "size", None)
+    if isinstance(size, int) and size > cap:
+        raise Reject(RejectReason.FETCH_FAILED, f"object is larger than fetch.max_bytes={cap}")
+    if isinstance(size, int) and size >= 0:
+        return handle.read(size + 1)  # + 1: an object that grew since stat is still caught
+    chunks: list[bytes] = []
+    total = 0
+    while total <= cap:
+        chunk = handle.read(min(_CHUNK, cap + 1 - total))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+    return b"".join(chunks)
+
+
 def read_bytes(url: str, cfg: FetchConfig, sleep=time.sleep) -> bytes:
     """Read a whole object with bounded retries and exponential backoff on transient errors.
 
@@ -79,7 +111,7 @@ def read_bytes(url: str, cfg: FetchConfig, sleep=time.sleep) -> bytes:
             local = "://" not in url or url.startswith("file://")
             path = url[len("file://"):] if url.startswith("file://") else url
             with (open(path, "rb") if local else fsspec.open(url, "rb")) as handle:
-                data = handle.read(cfg.max_bytes + 1)
+                data = _read_capped(handle, cfg.max_bytes)
             if len(data) > cfg.max_bytes:
                 raise Reject(RejectReason.FETCH_FAILED, f"object is larger than fetch.max_bytes={cfg.max_bytes}")
             return data

@@ -33,6 +33,10 @@ def find_tdm_opt_out(data: bytes, extra_metadata: tuple[bytes, ...] = ()) -> str
     for blob in (data, *extra_metadata):
         if not blob:
             continue
+        # plain substring scans (memchr-fast) rule out the common case, a file with no mark
+        # at all, before any regular expression looks at the bytes
+        if b"DMI-PROHIBITED" not in blob and b"tdm:reservation" not in blob and b"training-mining" not in blob:
+            continue
         match = _PLUS_PROHIBITED.search(blob)
         if match:
             return f"XMP plus:DataMining = {match.group(0).decode()}"

@@ -96,6 +96,38 @@ def test_missing_and_oversized_are_final(tmp_path):
     assert err.value.reason == RejectReason.FETCH_FAILED
 
 
+def test_reads_never_allocate_the_cap(tmp_path, monkeypatch):
+    """read(n) allocates n bytes up front; asking for max_bytes + 1 (64 MiB) per image
+    fragmented the workers' heaps. Reads ask for the object's size, or 1 MiB chunks."""
+    import io
+
+    from pipeline.stages import fetch
+
+    asked: list[int] = []
+
+    class Recording(io.BytesIO):
+        def read(self, n=-1):
+            asked.append(n)
+            return super().read(n)
+
+    payload = b"x" * 3_000_000
+    assert fetch._read_capped(Recording(payload), 64 << 20) == payload  # no size known: chunks
+    assert max(asked) <= fetch._CHUNK
+    asked.clear()
+    assert len(fetch._read_capped(Recording(payload), 2_500_000)) == 2_500_001  # over the cap
+    assert max(asked) <= fetch._CHUNK
+    (tmp_path / "a.bin").write_bytes(payload)
+    with open(tmp_path / "a.bin", "rb") as handle:  # size known from the file
+        assert fetch._read_capped(handle, 64 << 20) == payload
+    # oversized objects on a remote filesystem are refused too
+    fs = MemoryFileSystem()
+    fs.pipe("/cap/big.bin", b"0" * 100)
+    with pytest.raises(Reject) as err:
+        read_bytes("memory://cap/big.bin", FetchConfig(max_bytes=10))
+    assert err.value.reason == RejectReason.FETCH_FAILED and "max_bytes" in err.value.detail
+    assert read_bytes("memory://cap/big.bin", FetchConfig(max_bytes=100)) == b"0" * 100
+
+
 def test_fetch_stage_checksum_and_roots(tmp_path):
     (tmp_path / "a.jpg").write_bytes(b"abc")
     good = hashlib.sha256(b"abc").hexdigest()
