@@ -206,3 +206,14 @@ def test_align_step_with_semantic_dedup_keeps_the_ledger_whole(tiny_corpus, tmp_
     assert report.summary.rows_in == len(rows) == tiny_corpus["rows"]
     urls = sorted(str(p) for p in (tmp_path / "out" / "curated").glob("embeddings-*.parquet"))
     assert set(read_embeddings(urls).keys) == {r["key"] for r in rows if r["status"] == "kept"}
+
+
+def test_malloc_arena_cap_is_set_for_local_workers_unless_the_user_chose(monkeypatch) -> None:
+    from pipeline.run import limit_malloc_arenas
+
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    limit_malloc_arenas()
+    assert os.environ["MALLOC_ARENA_MAX"] == "2"  # the workers inherit it
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "8")
+    limit_malloc_arenas()
+    assert os.environ["MALLOC_ARENA_MAX"] == "8"
