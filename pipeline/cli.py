@@ -210,5 +210,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def entry() -> None:
+    """Console-script entry point: run `main`, flush, and leave without interpreter teardown.
+
+    Every output is written atomically and flushed before `main` returns. What is left at
+    exit are native thread pools (torch intra-op, OpenMP from FAISS, gRPC from Beam's
+    runner); tearing those down in static destructors raced now and then and aborted a
+    finished run with "terminate called without an active exception" (exit -6) after its
+    summary was printed. Exiting here skips that teardown; `main` stays a plain function
+    for callers that embed it.
+    """
+    try:
+        code = main()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+    finally:
+        os._exit(int(code or 0))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
