@@ -1,8 +1,10 @@
 """Near-duplicate core: perceptual hashes, exact radius search by multi-index banding, clusters.
 
-Pure numpy (no Beam) so the same code runs inside a Beam stage, in the benchmark and in a
-notebook. The search is *exact*: every pair of hashes within the Hamming radius is found
-(see `find_pairs` for the argument), without comparing all pairs.
+No Beam, so the same code runs inside a Beam stage, in the benchmark and in a notebook.
+The search is *exact*: every pair of hashes within the Hamming radius is found (see
+`plan_bands` for the argument), without comparing all pairs. Two engines run it with the
+same results: a numba kernel (`pipeline._neardup_kernel`, on all cores) and plain numpy.
+`engine` ("auto", "compiled", "numpy") and `threads` choose; see docs/dedup.md.
 """
 
 from __future__ import annotations
