@@ -96,13 +96,18 @@ class DecodeConfig:
 
 @dataclass(frozen=True)
 class CuratedConfig:
-    """Curated store layout: shards of about `samples_per_shard` records."""
+    """Curated store layout: shards of about `samples_per_shard` records. The prepare step
+    works through each manifest `chunk_rows` rows at a time (a worker holds one chunk), and
+    a ledger file holds ten chunks."""
 
     samples_per_shard: int = 2000
+    chunk_rows: int = 500
 
     def __post_init__(self) -> None:
         if self.samples_per_shard < 1:
             raise ConfigError("curated.samples_per_shard must be >= 1")
+        if self.chunk_rows < 1:
+            raise ConfigError("curated.chunk_rows must be >= 1")
 
 
 HASH_INPUTS = ("auto", "source", "image")

@@ -685,6 +685,9 @@ def cluster(
     h = np.ascontiguousarray(hashes, dtype=np.uint64)
     n = len(h)
     stats = SearchStats()
+    if n == 0:
+        empty = np.zeros(0, np.int64)
+        return Clusters(empty, empty, empty, empty, stats)
     uniq, first_row, inverse = np.unique(h, return_index=True, return_inverse=True)
     pairs = _find_pairs_unique(h, uniq, first_row, radius, bucket_cap, stats, engine, threads)
     # identical hashes: link every row to the first row with that value (linear)

@@ -36,13 +36,10 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from manifests.policy import LicensePolicy, load_policy
 from pipeline import ledger, storage
 from pipeline.config import ConfigError, RunConfig
-from pipeline.stages.base import REJECTED, apply_stage
-from pipeline.stages.decode import DecodeImages
-from pipeline.stages.dedup import Dedup, DedupSemantic
-from pipeline.stages.fetch import FetchImages
-from pipeline.stages.ingest import ReadManifests, ValidateManifestRows, count_manifest_rows
-from pipeline.stages.licenses import VerifyLicenses
-from pipeline.stages.store import ReadCuratedStore, StageImages, WriteCuratedStore
+from pipeline.stages.base import REJECTED
+from pipeline.stages.dedup import DedupSemantic
+from pipeline.stages.ingest import count_manifest_rows
+from pipeline.stages.store import ReadCuratedStore, StageImages, WriteCuratedStore, write_index
 
 log = logging.getLogger(__name__)
 
@@ -147,8 +144,11 @@ def run_beam(build: Callable[[beam.Pipeline], None], options: PipelineOptions) -
 
 # ----------------------------------------------------------------------------- paths
 
+WORK = "_work"
 PREPARED = "_work/prepared"
 STAGING = "_work/staging"
+SLICES = "_work/slices"
+DECISIONS = "_work/decisions"
 
 
 def clip_config(ctx: RunContext):
@@ -163,23 +163,43 @@ def clip_config(ctx: RunContext):
 
 
 def build_prepare_graph(p: beam.Pipeline, ctx: RunContext) -> None:
-    """A–B: manifests -> validated, licensed, fetched, decoded, deduplicated assets."""
+    """A–B: manifests -> validated, licensed, fetched, decoded, deduplicated assets.
+
+    Per-row work runs in chunks that never leave their worker; only compact records reach
+    the global steps (see pipeline/stages/prepare.py), so memory does not grow with the
+    delivery. Semantic dedup needs CLIP embeddings: it runs in the align step.
+    """
+    from pipeline.stages import prepare
+
     cfg = ctx.cfg
-    rows = p | "ReadManifests" >> ReadManifests(cfg.manifests)
-    assets, rejected_rows = rows | "ValidateRows" >> ValidateManifestRows(cfg.validate)
-    assets, rejected_license = apply_stage(assets, "VerifyLicenses", VerifyLicenses(ctx.policy))
-    assets, rejected_fetch = apply_stage(assets, "FetchImages", FetchImages(cfg.fetch))
-    hash_kind = cfg.dedup.hash_kind if cfg.dedup.near else None
-    assets, rejected_decode = apply_stage(assets, "DecodeImages", DecodeImages(cfg.decode, hash_kind))
-    # pixels go to the staging area so that the shuffles below carry small records only
-    assets = assets | "StageImages" >> beam.ParDo(StageImages(ctx.path(STAGING)))
-    rejections = [rejected_rows, rejected_license, rejected_fetch, rejected_decode]
-    if cfg.dedup.exact or cfg.dedup.near:
-        # semantic dedup needs CLIP embeddings: it runs in the align step
-        assets, rejected_dup = assets | "Dedup" >> Dedup(dataclasses.replace(cfg.dedup, semantic=False))
-        rejections.append(rejected_dup)
-    _ = assets | "WritePrepared" >> WriteCuratedStore(ctx.path(PREPARED), cfg.curated.samples_per_shard)
-    _write_ledger(assets, rejections, storage.join(ctx.path(PREPARED)), stage="curated")
+    work = ctx.path(WORK)
+    summaries = (
+        p
+        | "ManifestUrls" >> beam.Create(list(enumerate(sorted(cfg.manifests))))
+        | "ReadChunks" >> beam.FlatMap(prepare.read_chunks, cfg.curated.chunk_rows)
+        | "Rebalance" >> beam.Reshuffle()
+        | "ProcessChunks" >> beam.ParDo(prepare.ProcessChunk(
+            cfg.validate, ctx.policy, cfg.fetch, cfg.decode, dataclasses.replace(cfg.dedup, semantic=False), work))
+    )
+    plan = (
+        summaries
+        | "CollectChunks" >> beam.combiners.ToList()
+        | "Decide" >> beam.ParDo(prepare.Decide(cfg.dedup, work, cfg.curated.samples_per_shard)).with_outputs(
+            prepare.Decide.LEDGER, main="shards")
+    )
+    prepared = ctx.path(PREPARED)
+    _ = (
+        plan.shards
+        | "GroupByShard" >> beam.GroupByKey()
+        | "WriteShards" >> beam.ParDo(prepare.WriteShardFromRecords(prepared))
+        | "CollectIndex" >> beam.combiners.ToList()
+        | "WriteIndex" >> beam.Map(lambda shards: write_index(prepared, shards))
+    )
+    _ = (
+        plan[prepare.Decide.LEDGER]
+        | "SpreadLedger" >> beam.Reshuffle()
+        | "WriteLedger" >> beam.ParDo(prepare.WriteLedgerPart(work, prepared))
+    )
 
 
 def _write_ledger(kept, rejections, out: str, stage: str, earlier=None) -> None:
@@ -195,7 +215,8 @@ def _write_ledger(kept, rejections, out: str, stage: str, earlier=None) -> None:
 
 def step_prepare(ctx: RunContext):
     counters = run_beam(lambda p: build_prepare_graph(p, ctx), ctx.options)
-    storage.remove_tree(ctx.path(STAGING))
+    for work in (STAGING, SLICES, DECISIONS):
+        storage.remove_tree(ctx.path(work))
     index = storage.read_json(ctx.path(PREPARED, "index.json"))
     return counters, {"samples": index["samples"], "shards": len(index["shards"])}
 
@@ -396,7 +417,8 @@ def step_index(ctx: RunContext):
 
 
 STEPS: tuple[Step, ...] = (
-    Step("prepare", "curated", ("validate", "fetch", "decode", "curated", "dedup"), (PREPARED, STAGING), step_prepare),
+    Step("prepare", "curated", ("validate", "fetch", "decode", "curated", "dedup"), (PREPARED, STAGING, SLICES, DECISIONS),
+         step_prepare),
     Step("clip", "curated", ("align", "clip_train"), ("models/clip",), step_clip),
     Step("align", "curated", ("align", "dedup", "curated"), ("curated", "ledger", STAGING), step_align),
     Step("vq", "models", ("vq",), ("models/vq",), step_vq),

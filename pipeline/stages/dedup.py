@@ -35,9 +35,13 @@ def representative_rank(asset: Asset, license_preference: tuple[str, ...] = ()) 
     Deterministic whatever the order records arrive in, so reruns keep the same asset.
     """
     area = (asset.source_width or 0) * (asset.source_height or 0)
-    lic = asset.entry.license_id
-    lic_rank = license_preference.index(lic) if lic in license_preference else len(license_preference)
-    return (-area, lic_rank, asset.asset_id)
+    return rank_key(area, asset.entry.license_id, asset.asset_id, license_preference)
+
+
+def rank_key(area: int, license_id: str | None, asset_id: str, license_preference: tuple[str, ...] = ()) -> tuple[int, int, str]:
+    """`representative_rank` from its three inputs (the prepare step has them as columns)."""
+    lic_rank = license_preference.index(license_id) if license_id in license_preference else len(license_preference)
+    return (-area, lic_rank, asset_id)
 
 
 # --------------------------------------------------------------------------- previous run
@@ -97,11 +101,15 @@ class ReadPreviousHashes(beam.PTransform):
 def _exact_key(asset: Asset, pixel_exact: bool) -> str:
     """Same bytes imply same decoded pixels, so grouping by pixel hash (when on) also groups
     byte-identical files; assets without any hash get a unique key (nothing to compare)."""
-    if pixel_exact and asset.pixel_sha256:
-        return "px:" + asset.pixel_sha256
-    if asset.sha256:
-        return "sha:" + asset.sha256
-    return "none:" + asset.asset_id
+    return exact_key(asset.sha256, asset.pixel_sha256, asset.asset_id, pixel_exact)
+
+
+def exact_key(sha256: str | None, pixel_sha256: str | None, asset_id: str, pixel_exact: bool) -> str:
+    if pixel_exact and pixel_sha256:
+        return "px:" + pixel_sha256
+    if sha256:
+        return "sha:" + sha256
+    return "none:" + asset_id
 
 
 class _PickExactRepresentative(beam.DoFn):
@@ -123,7 +131,7 @@ class _PickExactRepresentative(beam.DoFn):
         for _ in members:
             counters.seen.inc()
         try:
-            outputs = self._decide(members, previous)
+            outputs = pick_exact(members, previous, self.config, self.stage)
         except Exception as exc:  # noqa: BLE001 - the contract: errors become ledger rows
             log.warning("%s: unexpected error on a group of %d: %s", self.stage, len(members), exc)
             detail = f"{type(exc).__name__}: {exc}"[:2000]
@@ -136,31 +144,37 @@ class _PickExactRepresentative(beam.DoFn):
                 counters.rejected(reason)
                 yield beam.pvalue.TaggedOutput(REJECTED, out)
 
-    def _decide(self, members: list[Asset], previous: dict[str, str]) -> list[tuple[RejectReason | None, Any]]:
-        members.sort(key=lambda a: representative_rank(a, self.config.license_preference))
-        prev_id = None
-        for a in members:
-            prev_id = previous.get("sha:" + (a.sha256 or "")) or (
-                previous.get("px:" + a.pixel_sha256) if self.config.pixel_exact and a.pixel_sha256 else None
-            )
-            if prev_id:
-                break
-        rep = None if prev_id else members[0]
-        target = prev_id or rep.asset_id
-        outputs: list[tuple[RejectReason | None, Any]] = []
-        for a in members:
-            if a is rep:
-                outputs.append((None, a.replace(cluster_id=target) if len(members) > 1 else a))
-                continue
-            if prev_id:
-                detail = f"identical to {prev_id} from the previous run"
-            elif a.sha256 and a.sha256 == rep.sha256:
-                detail = f"same source bytes (sha256) as {target}"
-            else:
-                detail = f"same decoded pixels as {target} under a different encoding"
-            reject = a.reject(self.stage, RejectReason.EXACT_DUPLICATE, detail, dup_of=target, cluster_id=target)
-            outputs.append((RejectReason.EXACT_DUPLICATE, reject))
-        return outputs
+
+def pick_exact(members: list[Asset], previous: dict[str, str], config: DedupConfig, stage: str) -> list[tuple[RejectReason | None, Any]]:
+    """One exact-duplicate group: the representative (reason None) and the rejections.
+
+    `previous` maps "sha:<sha256>" / "px:<pixel sha256>" to a previous-run asset_id; a member
+    identical to one is rejected, and nothing in the group is kept.
+    """
+    members.sort(key=lambda a: representative_rank(a, config.license_preference))
+    prev_id = None
+    for a in members:
+        prev_id = previous.get("sha:" + (a.sha256 or "")) or (
+            previous.get("px:" + a.pixel_sha256) if config.pixel_exact and a.pixel_sha256 else None
+        )
+        if prev_id:
+            break
+    rep = None if prev_id else members[0]
+    target = prev_id or rep.asset_id
+    outputs: list[tuple[RejectReason | None, Any]] = []
+    for a in members:
+        if a is rep:
+            outputs.append((None, a.replace(cluster_id=target) if len(members) > 1 else a))
+            continue
+        if prev_id:
+            detail = f"identical to {prev_id} from the previous run"
+        elif a.sha256 and a.sha256 == rep.sha256:
+            detail = f"same source bytes (sha256) as {target}"
+        else:
+            detail = f"same decoded pixels as {target} under a different encoding"
+        reject = a.reject(stage, RejectReason.EXACT_DUPLICATE, detail, dup_of=target, cluster_id=target)
+        outputs.append((RejectReason.EXACT_DUPLICATE, reject))
+    return outputs
 
 
 def _previous_exact_keys(prev: PreviousAsset) -> Iterable[tuple[str, str]]:

@@ -316,3 +316,9 @@ def test_imagededup_groups() -> None:
         else:
             assert rel in expected_missed and d > RADIUS, (rel, d)
     assert seen == expected_caught | expected_missed
+
+
+def test_cluster_of_no_hashes_is_empty():
+    """A delivery where nothing survives to near-dedup (every row rejected earlier)."""
+    result = nd.cluster(np.zeros(0, np.uint64), 8)
+    assert len(result.label) == len(result.representative) == len(result.duplicates()) == 0

@@ -1,0 +1,412 @@
+"""The prepare step in bounded memory: per-row work in chunks, global steps on compact records.
+
+A runner that executes a batch pipeline stage by stage (the local DirectRunner does) holds
+every PCollection that crosses a shuffle in memory, so a graph that shuffles one record per
+manifest row grows with the delivery. Here no full record crosses a shuffle:
+
+1. `read_chunks` cuts each manifest into chunks of `curated.chunk_rows` rows (the only per-row
+   data a runner holds: the raw rows, once, packed 500 to an element).
+2. `ProcessChunk` runs validate -> license gate -> fetch -> decode (+ perceptual hash) for
+   one chunk inside one worker and writes, under `work_dir`:
+     staging/<chunk>.bin     the normalised JPEGs and the pickled records, appended;
+     slices/<chunk>.parquet  one row per manifest row: its ledger row so far, plus the
+                             columns the global steps need (hashes, area, record pointer).
+   It emits one small summary per chunk.
+3. `Decide` (one worker) reads only the compact columns of every slice and makes the
+   decisions that need the whole delivery: repeated asset_ids (the earliest manifest row
+   wins, as in `ingest._first_wins`), exact duplicates (`dedup.pick_exact`), near
+   duplicates (`dedup._cluster_hashes`), and the shard of every kept asset. It writes the
+   ledger changes per ledger file (decisions/<part>.parquet) and emits one
+   (shard, (key, record pointer, cluster_id)) per kept asset and one task per ledger file.
+4. `WriteShardFromRecords` loads one shard's records from staging and writes the tar +
+   metadata Parquet (`store.write_shard`); `WriteLedgerPart` writes one ledger file from
+   its slices and their changes.
+
+Outputs are the same as those of a per-row graph: shards by `stable_bucket(key, n)`,
+sorted by key, byte-identical across runs and worker counts. A repeated asset_id is found
+after fetch and decode here (the earliest valid row still wins and the others are
+rejected at stage `validate`), so duplicates of an id are fetched once each: a cost only a
+broken manifest pays.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from collections import defaultdict
+from typing import Any, Iterable, Iterator, NamedTuple
+
+import apache_beam as beam
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+from apache_beam.metrics import Metrics
+
+from manifests.policy import LicensePolicy
+from pipeline import ledger, neardup, storage
+from pipeline.config import DecodeConfig, DedupConfig, FetchConfig, ValidateConfig
+from pipeline.records import Asset, RejectReason, SourceRow
+from pipeline.stages.base import StageCounters
+from pipeline.stages.decode import DecodeImages
+from pipeline.stages.dedup import (_cluster_hashes, _describe_near, _HashAsset, _previous_exact_keys, exact_key,
+                                   load_previous_hashes, pick_exact, rank_key, _Row)
+from pipeline.stages.fetch import FetchImages
+from pipeline.stages.ingest import _ValidateRow, read_manifest
+from pipeline.stages.licenses import VerifyLicenses
+from pipeline.stages.store import shard_count, write_shard
+
+log = logging.getLogger(__name__)
+
+CHUNKS_PER_LEDGER_FILE = 10  # a ledger file holds ten chunks' rows (5,000 by default), in manifest order
+
+SLICE_SCHEMA = pa.schema(list(ledger.LEDGER_SCHEMA) + [
+    pa.field("validated", pa.bool_()),  # passed validation: takes part in the repeated-id check
+    pa.field("pixel_sha256", pa.string()),
+    pa.field("area", pa.int64()),  # source width * height, for the representative rule
+    pa.field("record", pa.string()),  # kept rows: the pickled Asset in staging, `file@offset:length`
+])
+DECISION_SCHEMA = pa.schema([
+    ("manifest_uri", pa.string()), ("manifest_row", pa.int64()), ("status", pa.string()), ("stage", pa.string()),
+    ("reason", pa.string()), ("detail", pa.string()), ("dup_of", pa.string()), ("cluster_id", pa.string()),
+])
+_DECISION_FIELDS = tuple(DECISION_SCHEMA.names[2:])
+_DECIDE_COLUMNS = ("asset_id", "manifest_uri", "manifest_row", "status", "validated", "sha256", "pixel_sha256",
+                   "phash", "area", "license_id", "record")
+
+
+class Chunk(NamedTuple):
+    """Up to `chunk_rows` consecutive rows of one manifest (manifests in sorted URL order)."""
+
+    manifest_index: int
+    manifest_uri: str
+    index: int
+    rows: tuple[SourceRow, ...]
+
+    @property
+    def name(self) -> str:
+        return chunk_name(self.manifest_index, self.index)
+
+
+def chunk_name(manifest_index: int, index: int) -> str:
+    return f"chunk-{manifest_index:04d}-{index:06d}"
+
+
+def ledger_part(manifest_index: int, chunk_index: int) -> str:
+    """The ledger file a chunk's rows go to: ledger-<manifest>-<part>.parquet."""
+    return f"ledger-{manifest_index:04d}-{chunk_index // CHUNKS_PER_LEDGER_FILE:05d}"
+
+
+def read_chunks(item: tuple[int, str], chunk_rows: int) -> Iterator[Chunk]:
+    """(manifest index, URL) -> the manifest's rows, streamed, `chunk_rows` at a time."""
+    manifest_index, url = item
+    counter = Metrics.counter("ingest", "in")
+    rows: list[SourceRow] = []
+    index = 0
+    for row in read_manifest(url):
+        counter.inc()
+        rows.append(row)
+        if len(rows) == chunk_rows:
+            yield Chunk(manifest_index, url, index, tuple(rows))
+            index, rows = index + 1, []
+    if rows:
+        yield Chunk(manifest_index, url, index, tuple(rows))
+
+
+class _Staging:
+    """Append-only staging file of one chunk; returns `file@offset:length` pointers."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self._handle = None
+        self._offset = 0
+
+    def append(self, data: bytes) -> str:
+        if self._handle is None:
+            fs, path = fsspec.core.url_to_fs(self.url)
+            fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+            self._handle = fs.open(path, "wb")  # a retried chunk rewrites it from the start
+        self._handle.write(data)
+        ref = f"{self.url}@{self._offset}:{len(data)}"
+        self._offset += len(data)
+        return ref
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+
+def read_span(ref: str) -> bytes:
+    """The bytes behind a `file@offset:length` pointer."""
+    url, _, span = ref.rpartition("@")
+    offset, _, length = span.partition(":")
+    opener = open if "://" not in url else fsspec.open
+    with opener(url, "rb") as handle:
+        handle.seek(int(offset))
+        return handle.read(int(length))
+
+
+def load_record(ref: str) -> Asset:
+    return pickle.loads(read_span(ref))
+
+
+def _outcome(outputs: Iterable[Any]) -> tuple[Asset | None, Any]:
+    """A stage DoFn's single output: (asset, None) if kept, (None, Rejected) if not."""
+    for out in outputs:
+        if isinstance(out, beam.pvalue.TaggedOutput):
+            return None, out.value
+        return out, None
+    raise RuntimeError("a stage produced no output")
+
+
+class ProcessChunk(beam.DoFn):
+    """Validate, license, fetch, decode and stage one chunk; write its slice; emit a summary.
+
+    Runs the same stage DoFns as a per-row graph (their counters included), one row at a
+    time, so a worker holds one chunk and one image at a time.
+    """
+
+    def __init__(self, validate: ValidateConfig, policy: LicensePolicy, fetch: FetchConfig, decode: DecodeConfig,
+                 dedup: DedupConfig, work_dir: str):
+        super().__init__()
+        self.validate_cfg, self.policy, self.fetch_cfg, self.decode_cfg, self.dedup_cfg = validate, policy, fetch, decode, dedup
+        self.work_dir = work_dir
+        self._validate = None
+        self._stages: list[beam.DoFn] = []
+
+    def setup(self) -> None:
+        dedup = self.dedup_cfg
+        self._validate = _ValidateRow(self.validate_cfg)
+        stages: list[beam.DoFn] = [VerifyLicenses(self.policy), FetchImages(self.fetch_cfg),
+                                   DecodeImages(self.decode_cfg, dedup.hash_kind if dedup.near else None)]
+        if dedup.near:
+            # a hash of the source bytes must be taken before decode drops them
+            stages.insert(2 if dedup.hash_input == "source" else 3, _HashAsset("dedup_near", dedup))
+        self._stages = stages
+        for dofn in (self._validate, *stages):
+            dofn.setup()
+
+    def teardown(self) -> None:
+        for dofn in (self._validate, *self._stages):
+            if dofn is not None:
+                dofn.teardown()
+
+    def process(self, chunk: Chunk) -> Iterator[dict[str, Any]]:
+        staging = _Staging(storage.join(self.work_dir, "staging", chunk.name + ".bin"))
+        rows: list[dict[str, Any]] = []
+        try:
+            for source in chunk.rows:
+                rows.append(self._row(source, staging))
+        finally:
+            staging.close()
+        table = pa.Table.from_pylist(rows, schema=SLICE_SCHEMA)
+        with storage.atomic_open(slice_url(self.work_dir, chunk.name), "wb") as handle:
+            pq.write_table(table, handle, compression="zstd")
+        yield {"chunk": chunk.name, "manifest_index": chunk.manifest_index, "index": chunk.index,
+               "rows": len(rows), "kept": sum(r["status"] == "kept" for r in rows)}
+
+    def _row(self, source: SourceRow, staging: _Staging) -> dict[str, Any]:
+        asset, rejected = _outcome(self._validate.process(source))
+        validated = asset is not None
+        for stage in self._stages:
+            if asset is None:
+                break
+            asset, rejected = _outcome(stage.process(asset))
+        if asset is None:
+            row = ledger.rejected_row(rejected)
+            row.update(validated=validated, pixel_sha256=None, area=None, record=None)
+            return row
+        asset = asset.replace(image=None, image_uri=staging.append(asset.image), source_bytes=None)
+        row = ledger.kept_row(asset)
+        row.update(validated=True, pixel_sha256=asset.pixel_sha256,
+                   area=(asset.source_width or 0) * (asset.source_height or 0),
+                   record=staging.append(pickle.dumps(asset, protocol=pickle.HIGHEST_PROTOCOL)))
+        return row
+
+
+def slice_url(work_dir: str, chunk: str) -> str:
+    return storage.join(work_dir, "slices", chunk + ".parquet")
+
+
+def decision_url(work_dir: str, part: str) -> str:
+    return storage.join(work_dir, "decisions", part + ".parquet")
+
+
+def _read_parquet(url: str, columns: Iterable[str] | None = None, schema: pa.Schema | None = None) -> pa.Table:
+    with fsspec.open(url, "rb") as handle:
+        table = pq.read_table(handle, columns=list(columns) if columns else None)
+    return table.select(schema.names).cast(schema) if schema is not None else table
+
+
+class Decide(beam.DoFn):
+    """All chunk summaries in (one element) -> ledger changes written, shard members + ledger tasks out.
+
+    Reads only the compact columns of the slices (about 200 bytes a row), so its memory is
+    a small multiple of the delivery's hashes, like any global dedup.
+    """
+
+    LEDGER = "ledger"
+
+    def __init__(self, dedup: DedupConfig, work_dir: str, samples_per_shard: int):
+        super().__init__()
+        self.dedup = dedup
+        self.work_dir = work_dir
+        self.samples_per_shard = samples_per_shard
+
+    def process(self, summaries: list[dict[str, Any]]) -> Iterator[Any]:
+        chunks = sorted(summaries, key=lambda s: (s["manifest_index"], s["index"]))
+        cols: dict[str, list[Any]] = {c: [] for c in _DECIDE_COLUMNS}
+        part_of: list[str] = []
+        for s in chunks:
+            table = _read_parquet(slice_url(self.work_dir, s["chunk"]), _DECIDE_COLUMNS)
+            for name in _DECIDE_COLUMNS:
+                cols[name].extend(table.column(name).to_pylist())
+            part_of.extend([ledger_part(s["manifest_index"], s["index"])] * table.num_rows)
+        changes: dict[int, dict[str, Any]] = {}
+        survivors = self._repeated_ids(cols, changes)
+        previous = load_previous_hashes(self.dedup.previous_run) if self.dedup.previous_run else []
+        if self.dedup.exact:
+            survivors = self._exact(cols, survivors, previous, changes)
+        if self.dedup.near:
+            survivors = self._near(cols, survivors, previous, changes)
+
+        by_part: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for i in sorted(changes):
+            by_part[part_of[i]].append({"manifest_uri": cols["manifest_uri"][i], "manifest_row": cols["manifest_row"][i],
+                                        **{f: changes[i].get(f) for f in _DECISION_FIELDS}})
+        for part, rows in by_part.items():
+            with storage.atomic_open(decision_url(self.work_dir, part), "wb") as handle:
+                pq.write_table(pa.Table.from_pylist(rows, schema=DECISION_SCHEMA), handle, compression="zstd")
+        slices_of: dict[str, list[str]] = defaultdict(list)
+        for s in chunks:
+            slices_of[ledger_part(s["manifest_index"], s["index"])].append(s["chunk"])
+        for part, names in slices_of.items():
+            yield beam.pvalue.TaggedOutput(self.LEDGER, (part, tuple(names), part in by_part))
+
+        shards = shard_count(len(survivors), self.samples_per_shard)
+        for i in survivors:
+            key = storage.asset_key(cols["asset_id"][i])
+            cluster = changes.get(i, {}).get("cluster_id")
+            yield storage.stable_bucket(key, shards), (key, cols["record"][i], cluster)
+
+    # -- repeated asset ids ---------------------------------------------------------------
+
+    def _repeated_ids(self, cols: dict[str, list[Any]], changes: dict[int, dict[str, Any]]) -> list[int]:
+        """Among rows that passed validation, the earliest (manifest, row) of an id wins."""
+        counter = Metrics.counter("validate", f"rejected/{RejectReason.DUPLICATE_ASSET_ID.value}")
+        first: dict[str, int] = {}
+        survivors = []
+        for i, aid in enumerate(cols["asset_id"]):  # slices are in (manifest, row) order
+            if not cols["validated"][i]:
+                continue
+            j = first.setdefault(aid, i)
+            if j != i:
+                counter.inc()
+                changes[i] = {"status": "rejected", "stage": "validate", "reason": RejectReason.DUPLICATE_ASSET_ID.value,
+                              "detail": f"asset_id already used at {cols['manifest_uri'][j]} row {cols['manifest_row'][j]}",
+                              "dup_of": aid, "cluster_id": None}
+            elif cols["status"][i] == "kept":
+                survivors.append(i)
+        return survivors
+
+    # -- exact duplicates -----------------------------------------------------------------
+
+    def _exact(self, cols, survivors: list[int], previous, changes) -> list[int]:
+        cfg = self.dedup
+        counters = StageCounters("dedup_exact")
+        counters.seen.inc(len(survivors))
+        prev_keys = dict(kv for p in previous for kv in _previous_exact_keys(p))
+        groups: dict[str, list[int]] = defaultdict(list)
+        for i in survivors:
+            groups[exact_key(cols["sha256"][i], cols["pixel_sha256"][i], cols["asset_id"][i], cfg.pixel_exact)].append(i)
+        kept = []
+        def seen_before(i: int) -> bool:
+            px = cols["pixel_sha256"][i]
+            return bool(prev_keys.get("sha:" + (cols["sha256"][i] or "")) or (
+                cfg.pixel_exact and px and prev_keys.get("px:" + px)))
+
+        for members in groups.values():
+            if len(members) == 1 and not seen_before(members[0]):
+                kept.extend(members)
+                continue
+            position = {cols["asset_id"][i]: i for i in members}
+            for reason, out in pick_exact([load_record(cols["record"][i]) for i in members], prev_keys, cfg, "dedup_exact"):
+                i = position[out.asset_id]
+                if reason is None:
+                    kept.append(i)
+                    if out.cluster_id:
+                        changes[i] = {"status": "kept", "stage": "curated", "cluster_id": out.cluster_id}
+                else:
+                    counters.rejected(reason)
+                    changes[i] = {"status": "rejected", "stage": out.stage, "reason": reason.value,
+                                  "detail": out.detail, "dup_of": out.dup_of, "cluster_id": out.cluster_id}
+        counters.kept.inc(len(kept))
+        return sorted(kept)
+
+    # -- near duplicates ------------------------------------------------------------------
+
+    def _near(self, cols, survivors: list[int], previous, changes) -> list[int]:
+        cfg = self.dedup
+        counters = StageCounters("dedup_near")
+        prefs = cfg.license_preference
+        rows = [_Row(cols["asset_id"][i], neardup.hex_to_hash(cols["phash"][i]),
+                     rank_key(cols["area"][i] or 0, cols["license_id"][i], cols["asset_id"][i], prefs))
+                for i in survivors]
+        position = {cols["asset_id"][i]: i for i in survivors}
+        describe = _describe_near(cfg.hamming_radius)
+        rejected = set()
+        for aid, d in _cluster_hashes(rows, previous, cfg.hamming_radius, cfg.bucket_cap, cfg.engine, cfg.threads):
+            i = position[aid]
+            if d.dup_of is None:
+                if not changes.get(i, {}).get("cluster_id"):
+                    changes[i] = {"status": "kept", "stage": "curated", "cluster_id": d.cluster_id}
+                continue
+            counters.rejected(RejectReason.NEAR_DUPLICATE)
+            rejected.add(i)
+            changes[i] = {"status": "rejected", "stage": "dedup_near", "reason": RejectReason.NEAR_DUPLICATE.value,
+                          "detail": describe(d), "dup_of": d.dup_of, "cluster_id": d.cluster_id}
+        kept = [i for i in survivors if i not in rejected]
+        counters.kept.inc(len(kept))
+        return kept
+
+
+class WriteShardFromRecords(beam.DoFn):
+    """(shard, [(key, record pointer, cluster_id)]) -> tar + metadata Parquet; emits the index entry."""
+
+    def __init__(self, out_dir: str):
+        super().__init__()
+        self.out_dir = out_dir
+        self.written = Metrics.counter("store", "samples_written")
+
+    def process(self, item: tuple[int, Iterable[tuple[str, str, str | None]]]) -> Iterator[dict[str, Any]]:
+        shard, members = item
+        records = []
+        for key, ref, cluster in members:
+            asset = load_record(ref)
+            records.append((key, asset.replace(cluster_id=cluster) if cluster else asset))
+        entry = write_shard(self.out_dir, shard, records)
+        self.written.inc(entry["samples"])
+        yield entry
+
+
+class WriteLedgerPart(beam.DoFn):
+    """(part, chunk names, has changes) -> ledger/<part>.parquet: the slices' rows with the changes."""
+
+    def __init__(self, work_dir: str, out: str):
+        super().__init__()
+        self.work_dir = work_dir
+        self.out = out
+
+    def process(self, task: tuple[str, tuple[str, ...], bool]) -> Iterator[int]:
+        part, chunks, has_changes = task
+        rows: list[dict[str, Any]] = []
+        for name in chunks:
+            rows.extend(_read_parquet(slice_url(self.work_dir, name), schema=ledger.LEDGER_SCHEMA).to_pylist())
+        if has_changes:
+            changes = {(r["manifest_uri"], r["manifest_row"]): r
+                       for r in _read_parquet(decision_url(self.work_dir, part)).to_pylist()}
+            for row in rows:
+                change = changes.get((row["manifest_uri"], row["manifest_row"]))
+                if change is not None:
+                    row.update({f: change[f] for f in _DECISION_FIELDS})
+        yield ledger.write_ledger_file(storage.join(self.out, "ledger", part + ".parquet"), rows)

@@ -1,0 +1,103 @@
+"""The chunked prepare step: chunk boundaries change nothing but the ledger's file layout,
+repeated ids and duplicates are found across chunks, and the work files are cleaned up."""
+
+import dataclasses
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import ledger
+from pipeline.config import AlignConfig, CuratedConfig, ConfigError, RunConfig
+from pipeline.run import run
+from pipeline.stages.prepare import Chunk, load_record, read_chunks, read_span, _Staging
+from tests.pipeline.test_run import IN_MEMORY, tree_digest
+
+MULTI = ["--direct_running_mode=multi_processing", "--direct_num_workers=2"]
+
+
+def _config(corpus, out, chunk_rows: int) -> RunConfig:
+    return RunConfig(manifests=(str(corpus["manifest"]),), policy=str(corpus["policy"]), out=str(out),
+                     align=AlignConfig(enabled=False), curated=CuratedConfig(samples_per_shard=5, chunk_rows=chunk_rows))
+
+
+def _rows(out) -> list[dict]:
+    return sorted(ledger.read_ledger(str(out)).to_pylist(), key=lambda r: (r["manifest_uri"], r["manifest_row"]))
+
+
+def test_read_chunks_keeps_order_and_row_numbers(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text("".join(json.dumps({"asset_id": f"a{i}"}) + "\n" for i in range(7)))
+    chunks = list(read_chunks((3, str(path)), 3))
+    assert [(c.manifest_index, c.index, len(c.rows)) for c in chunks] == [(3, 0, 3), (3, 1, 3), (3, 2, 1)]
+    assert [r.manifest_row for c in chunks for r in c.rows] == list(range(1, 8))
+    assert [r.raw["asset_id"] for c in chunks for r in c.rows] == [f"a{i}" for i in range(7)]
+    assert chunks[1].name == "chunk-0003-000001"
+
+
+def test_staging_pointers_round_trip(tmp_path):
+    staging = _Staging(str(tmp_path / "staging" / "chunk.bin"))
+    refs = [staging.append(data) for data in (b"first", b"", b"third bytes")]
+    staging.close()
+    assert [read_span(r) for r in refs] == [b"first", b"", b"third bytes"]
+    assert refs[2].endswith("@5:11")
+
+
+def test_chunk_size_changes_nothing_but_the_ledger_layout(tiny_corpus, tmp_path):
+    """Chunks of 4 rows: the repeated id, the exact and the near duplicate all sit in other
+    chunks than their originals; decisions, shards and ledger rows must not change."""
+    whole = tmp_path / "whole"
+    run(_config(tiny_corpus, whole, 500), until="curated", beam_flags=IN_MEMORY)
+    small = tmp_path / "small"
+    report = run(_config(tiny_corpus, small, 4), until="curated", beam_flags=MULTI)
+    assert tree_digest(small, "curated") == tree_digest(whole, "curated")
+    assert _rows(small) == _rows(whole)
+    assert report.summary.rows_in == tiny_corpus["rows"] == len(_rows(small))
+    reasons = {r["reason"] for r in _rows(small)}
+    assert {"DUPLICATE_ASSET_ID", "EXACT_DUPLICATE", "NEAR_DUPLICATE"} <= reasons
+    files = sorted(p.name for p in (small / "ledger").glob("*.parquet"))
+    chunks = -(-tiny_corpus["rows"] // 4)
+    assert len(files) == -(-chunks // 10) > 1 and len(list((whole / "ledger").glob("*.parquet"))) == 1
+    for name in files:  # each file is in manifest order
+        rows = pq.read_table(small / "ledger" / name).column("manifest_row").to_pylist()
+        assert rows == sorted(rows)
+    assert not (small / "_work" / "staging").exists() and not (small / "_work" / "slices").exists()
+
+
+def test_first_valid_row_keeps_its_id_even_when_a_later_stage_rejects_it(tiny_corpus, tmp_path):
+    """As in a validate-time check: the earliest valid row owns the id, whatever happens to it
+    afterwards, and a later row with that id is a DUPLICATE_ASSET_ID even if it would pass."""
+    allowed = [c for c in tiny_corpus["coco"] if "ND" not in c["license_id"]]
+    disallowed = next(c["license_id"] for c in tiny_corpus["coco"] if "ND" in c["license_id"])
+    first = dict(allowed[0], license_id=disallowed)  # a valid row, rejected by the license gate
+    manifest = tiny_corpus["dir"] / "ids.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in (first, allowed[1], allowed[0])))
+    cfg = dataclasses.replace(_config(tiny_corpus, tmp_path / "out", 1), manifests=(str(manifest),))
+    run(cfg, until="curated", beam_flags=IN_MEMORY)
+    rows = _rows(tmp_path / "out")
+    assert [(r["manifest_row"], r["status"], r["reason"]) for r in rows] == [
+        (1, "rejected", "LICENSE_DISALLOWED"), (2, "kept", None), (3, "rejected", "DUPLICATE_ASSET_ID")]
+    assert rows[2]["stage"] == "validate" and f"{manifest} row 1" in rows[2]["detail"]
+
+
+def test_a_kept_record_is_the_asset_without_pixels_in_memory(tiny_corpus, tmp_path):
+    from manifests.policy import load_policy
+    from pipeline.stages.prepare import ProcessChunk, slice_url
+
+    cfg = _config(tiny_corpus, tmp_path / "out", 500)
+    dofn = ProcessChunk(cfg.validate, load_policy(cfg.policy), cfg.fetch, cfg.decode, cfg.dedup, str(tmp_path / "work"))
+    dofn.setup()
+    rows = list(read_chunks((0, str(tiny_corpus["manifest"])), 500))[0].rows[:3]
+    (summary,) = dofn.process(Chunk(0, str(tiny_corpus["manifest"]), 0, rows))
+    assert summary["rows"] == 3 and summary["kept"] >= 1
+    table = pq.read_table(slice_url(str(tmp_path / "work"), summary["chunk"])).to_pylist()
+    kept = [r for r in table if r["status"] == "kept"]
+    asset = load_record(kept[0]["record"])
+    assert asset.image is None and asset.source_bytes is None and asset.asset_id == kept[0]["asset_id"]
+    assert asset.image_bytes()[:2] == b"\xff\xd8" and asset.phash == kept[0]["phash"]
+    assert kept[0]["area"] == asset.source_width * asset.source_height
+
+
+def test_chunk_rows_is_validated():
+    with pytest.raises(ConfigError, match="chunk_rows"):
+        CuratedConfig(chunk_rows=0)
