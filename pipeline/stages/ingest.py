@@ -47,16 +47,23 @@ def read_manifest(url: str) -> Iterator[SourceRow]:
         yield from _read_parquet(url)
         return
     with fsspec.open(url, "rb", compression="infer") as raw:
-        text = io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline="")
         if fmt == "jsonl":
-            yield from _read_jsonl(url, text)
+            yield from _read_jsonl(url, raw)
         else:
-            yield from _read_csv(url, text)
+            yield from _read_csv(url, io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline=""))
 
 
-def _read_jsonl(url: str, lines: Iterable[str]) -> Iterator[SourceRow]:
-    row_no = 0
-    for line in lines:
+def jsonl_text(line: bytes) -> str:
+    """One JSONL line (split on \\n only, as the format says) as text; bad UTF-8 is replaced."""
+    return line.decode("utf-8", errors="replace")
+
+
+def _read_jsonl(url: str, lines: Iterable[bytes], start_row: int = 0) -> Iterator[SourceRow]:
+    """Rows of JSONL lines; blank lines are skipped and not counted. `start_row` is the
+    number of rows before these lines (a reader of a byte range passes it)."""
+    row_no = start_row
+    for raw_line in lines:
+        line = jsonl_text(raw_line)
         if not line.strip():
             continue
         row_no += 1

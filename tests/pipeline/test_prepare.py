@@ -10,6 +10,7 @@ import pytest
 from pipeline import ledger
 from pipeline.config import AlignConfig, CuratedConfig, ConfigError, RunConfig
 from pipeline.run import run
+from pipeline.stages.ingest import read_manifest
 from pipeline.stages.prepare import Chunk, load_record, read_chunks, read_span, _Staging
 from tests.pipeline.test_run import IN_MEMORY, tree_digest
 
@@ -25,13 +26,33 @@ def _rows(out) -> list[dict]:
     return sorted(ledger.read_ledger(str(out)).to_pylist(), key=lambda r: (r["manifest_uri"], r["manifest_row"]))
 
 
-def test_read_chunks_keeps_order_and_row_numbers(tmp_path):
-    path = tmp_path / "m.jsonl"
-    path.write_text("".join(json.dumps({"asset_id": f"a{i}"}) + "\n" for i in range(7)))
+def _manifest_lines() -> str:
+    lines = [json.dumps({"asset_id": f"a{i}", "caption": "caf\u00e9 \u2603"}, ensure_ascii=False) for i in range(7)]
+    lines.insert(2, "")  # blank lines are not rows
+    lines.insert(5, "{not json")  # a malformed line is a row (rejected later)
+    lines.insert(6, "   ")
+    return "\r\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("name", ["m.jsonl", "m.jsonl.gz", "m.csv"])
+def test_chunks_hold_every_row_once_with_its_number(tmp_path, name):
+    """JSONL chunks are byte ranges the worker reads; other formats carry their rows. Either
+    way the rows and their numbers are those of a plain read of the manifest."""
+    import gzip
+
+    path = tmp_path / name
+    if name.endswith(".csv"):
+        path.write_text("asset_id,caption\n" + "".join(f"a{i},photo {i}\n" for i in range(7)))
+    elif name.endswith(".gz"):
+        path.write_bytes(gzip.compress(_manifest_lines().encode()))
+    else:
+        path.write_text(_manifest_lines())
     chunks = list(read_chunks((3, str(path)), 3))
-    assert [(c.manifest_index, c.index, len(c.rows)) for c in chunks] == [(3, 0, 3), (3, 1, 3), (3, 2, 1)]
-    assert [r.manifest_row for c in chunks for r in c.rows] == list(range(1, 8))
-    assert [r.raw["asset_id"] for c in chunks for r in c.rows] == [f"a{i}" for i in range(7)]
+    assert [(c.manifest_index, c.index) for c in chunks] == [(3, 0), (3, 1), (3, 2)]
+    assert all((c.span is not None) == (name == "m.jsonl") for c in chunks)
+    rows = [r for c in chunks for r in c.source_rows()]
+    assert rows == list(read_manifest(str(path)))
+    assert [r.manifest_row for r in rows] == list(range(1, 9 if name != "m.csv" else 8))
     assert chunks[1].name == "chunk-0003-000001"
 
 
@@ -87,7 +108,7 @@ def test_a_kept_record_is_the_asset_without_pixels_in_memory(tiny_corpus, tmp_pa
     cfg = _config(tiny_corpus, tmp_path / "out", 500)
     dofn = ProcessChunk(cfg.validate, load_policy(cfg.policy), cfg.fetch, cfg.decode, cfg.dedup, str(tmp_path / "work"))
     dofn.setup()
-    rows = list(read_chunks((0, str(tiny_corpus["manifest"])), 500))[0].rows[:3]
+    rows = tuple(read_manifest(str(tiny_corpus["manifest"])))[:3]
     (summary,) = dofn.process(Chunk(0, str(tiny_corpus["manifest"]), 0, rows))
     assert summary["rows"] == 3 and summary["kept"] >= 1
     table = pq.read_table(slice_url(str(tmp_path / "work"), summary["chunk"])).to_pylist()
