@@ -1,7 +1,8 @@
-"""Read manifests (JSONL / CSV / Parquet, any fsspec URL), validate rows, drop repeated ids.
+"""Read manifests (JSONL / CSV / Parquet, any fsspec URL) and validate rows.
 
-Every raw row leaves this family either as an `Asset` or as a `Rejected`, so the ledger
-can account for it; a malformed line is a rejection, never a crashed run.
+Every raw row leaves validation either as an `Asset` or as a `Rejected`, so the ledger can
+account for it; a malformed line is a rejection, never a crashed run. Repeated asset_ids
+need the whole delivery: the prepare step finds them (pipeline/stages/prepare.py).
 """
 
 from __future__ import annotations
@@ -11,11 +12,10 @@ import io
 import json
 import logging
 import unicodedata
-from typing import Any, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import apache_beam as beam
 import fsspec
-from apache_beam.metrics import Metrics
 
 from manifests.schema import RowError, parse_entry
 from pipeline.config import ValidateConfig
@@ -112,31 +112,6 @@ def count_manifest_rows(url: str) -> int:
     return sum(1 for _ in read_manifest(url))
 
 
-class ReadManifests(beam.PTransform):
-    """URLs -> SourceRow per manifest row (one reader per file, then rebalanced)."""
-
-    def __init__(self, urls: Iterable[str]):
-        super().__init__()
-        self.urls = sorted(urls)
-        if not self.urls:
-            raise ValueError("ReadManifests needs at least one manifest URL")
-
-    def expand(self, pbegin):
-        return (
-            pbegin
-            | "ManifestUrls" >> beam.Create(self.urls)
-            | "ReadRows" >> beam.FlatMap(_counted_read)
-            | "Rebalance" >> beam.Reshuffle()
-        )
-
-
-def _counted_read(url: str) -> Iterator[SourceRow]:
-    counter = Metrics.counter("ingest", "in")
-    for row in read_manifest(url):
-        counter.inc()
-        yield row
-
-
 def clean_captions(captions: Iterable[str], cfg: ValidateConfig) -> tuple[tuple[str, ...], tuple[RejectReason, str] | None]:
     """Normalise captions and drop bad ones; if none is left, say why (first failure wins)."""
     kept: list[str] = []
@@ -199,38 +174,3 @@ class _ValidateRow(beam.DoFn):
             return
         self._counters.kept.inc()
         yield Asset(entry=entry, manifest_uri=row.manifest_uri, manifest_row=row.manifest_row, captions=captions)
-
-
-def _first_wins(item: tuple[str, Iterable[Asset]]) -> Iterator[Any]:
-    """Keep the earliest (manifest, row) of an asset_id; reject the rest with a pointer."""
-    _, assets = item
-    ordered = sorted(assets, key=lambda a: (a.manifest_uri, a.manifest_row))
-    first = ordered[0]
-    yield first
-    counter = Metrics.counter("validate", f"rejected/{RejectReason.DUPLICATE_ASSET_ID.value}")
-    for other in ordered[1:]:
-        counter.inc()
-        yield beam.pvalue.TaggedOutput(REJECTED, other.reject(
-            "validate", RejectReason.DUPLICATE_ASSET_ID,
-            f"asset_id already used at {first.manifest_uri} row {first.manifest_row}",
-            dup_of=first.asset_id,
-        ))
-
-
-class ValidateManifestRows(beam.PTransform):
-    """SourceRow -> Asset (validated, captions cleaned), with repeated asset_ids rejected."""
-
-    def __init__(self, cfg: ValidateConfig):
-        super().__init__()
-        self.cfg = cfg
-
-    def expand(self, rows):
-        parsed = rows | "Parse" >> beam.ParDo(_ValidateRow(self.cfg)).with_outputs(REJECTED, main="kept")
-        unique = (
-            parsed.kept
-            | "KeyById" >> beam.Map(lambda a: (a.asset_id, a))
-            | "GroupById" >> beam.GroupByKey()
-            | "FirstWins" >> beam.FlatMap(_first_wins).with_outputs(REJECTED, main="kept")
-        )
-        rejected = (parsed[REJECTED], unique[REJECTED]) | "AllRejected" >> beam.Flatten()
-        return unique.kept, rejected

@@ -2,17 +2,15 @@
 
 import json
 
-import apache_beam as beam
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from apache_beam.testing.test_pipeline import TestPipeline
-from apache_beam.testing.util import assert_that, equal_to
 
 from pipeline.config import ValidateConfig
 from pipeline.records import RejectReason
-from pipeline.stages.ingest import ReadManifests, ValidateManifestRows, clean_captions, read_manifest
+from pipeline import ledger
+from pipeline.stages.ingest import clean_captions, read_manifest
 
 ROWS = [
     {"asset_id": "a", "uri": "a.jpg", "captions": ["A red bus in the street."], "license_id": "CC-BY-2.0",
@@ -73,7 +71,15 @@ def test_caption_cleaning_keeps_good_ones_and_normalises():
     assert kept == ("A dog in the park.",) and failure is None
 
 
-def test_validate_stage_outputs_and_counters(tmp_path):
+def test_validate_outputs_and_counters_in_a_run(tmp_path, demo_dir):
+    """Validation inside the prepare step: every row once in the ledger with its reason; the
+    repeated id is found among valid rows (the earliest wins) after the chunk boundary."""
+    from pipeline.config import AlignConfig, CuratedConfig, RunConfig
+    from pipeline.run import run
+
+    photos = sorted((demo_dir / "images").glob("*.jpg"))
+    for name, photo in zip(("a.jpg", "b.jpg", "again.jpg"), photos):
+        (tmp_path / name).write_bytes(photo.read_bytes())
     rows = ROWS + [
         dict(ROWS[0], uri="again.jpg"),  # duplicate id: later row rejected
         {"asset_id": "c", "uri": "c.jpg", "captions": ["  "], "license_id": "CC-BY-2.0"},
@@ -81,16 +87,16 @@ def test_validate_stage_outputs_and_counters(tmp_path):
     ]
     path = tmp_path / "m.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n{oops\n")
-    pipeline = TestPipeline()
-    with pipeline as p:
-        kept, rejected = p | ReadManifests([str(path)]) | ValidateManifestRows(ValidateConfig())
-        assert_that(kept | "ids" >> beam.Map(lambda a: (a.asset_id, a.manifest_row)),
-                    equal_to([("a", 1), ("b", 2)]), label="kept")
-        assert_that(rejected | "reasons" >> beam.Map(lambda r: (r.manifest_row, r.reason.value, r.dup_of)),
-                    equal_to([(3, "DUPLICATE_ASSET_ID", "a"), (4, "CAPTION_EMPTY", None),
-                              (5, "MISSING_FIELD", None), (6, "MALFORMED_ROW", None)]), label="rejected")
-    counters = {f"{c.key.metric.namespace}/{c.key.metric.name}": c.committed
-                for c in pipeline.result.metrics().query()["counters"]}
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("as_of: '2026-01-01'\nallowed_licenses: [CC-BY-2.0]\nrequired_use: null\n")
+    cfg = RunConfig(manifests=(str(path),), policy=str(policy), out=str(tmp_path / "out"),
+                    align=AlignConfig(enabled=False), curated=CuratedConfig(chunk_rows=2))
+    report = run(cfg, until="curated", beam_flags=["--direct_running_mode=in_memory", "--direct_num_workers=1"])
+    table = sorted(ledger.read_ledger(cfg.out).to_pylist(), key=lambda r: r["manifest_row"])
+    assert [(r["manifest_row"], r["reason"], r["dup_of"]) for r in table] == [
+        (1, None, None), (2, None, None), (3, "DUPLICATE_ASSET_ID", "a"), (4, "CAPTION_EMPTY", None),
+        (5, "MISSING_FIELD", None), (6, "MALFORMED_ROW", None)]
+    counters = report.counters
     assert counters["ingest/in"] == 6 and counters["validate/in"] == 6
     assert counters["validate/kept"] == 3  # before the duplicate-id check
     assert counters["validate/rejected/DUPLICATE_ASSET_ID"] == 1
