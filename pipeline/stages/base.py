@@ -82,10 +82,3 @@ class StageDoFn(beam.DoFn):
             return
         self.counters.kept.inc()
         yield result
-
-
-def apply_stage(pcoll: beam.PCollection, label: str, dofn: beam.DoFn) -> tuple[beam.PCollection, beam.PCollection]:
-    """Run a StageDoFn and split kept assets from rejections."""
-    outputs = pcoll | label >> beam.ParDo(dofn).with_outputs(REJECTED, main="kept")
-    return outputs.kept, outputs[REJECTED]
-

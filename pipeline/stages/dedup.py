@@ -347,17 +347,19 @@ class _HashAsset(beam.DoFn):
     full frame before it drops the source bytes, which keeps aspect-changing resizes
     within the radius (the 256 px centre crop does not)."""
 
-    def __init__(self, stage: str, config: DedupConfig):
+    def __init__(self, stage: str, config: DedupConfig, count_in: bool = True):
         super().__init__()
         self.stage = stage
         self.config = config
+        self.count_in = count_in  # False: the caller counts `in` where it decides (prepare.Decide)
         self._counters: StageCounters | None = None
 
     def setup(self) -> None:
         self._counters = StageCounters(self.stage)
 
     def process(self, asset: Asset) -> Iterable:
-        self._counters.seen.inc()
+        if self.count_in:
+            self._counters.seen.inc()
         cfg = self.config
         if cfg.hash_input == "auto" and cfg.hash_kind == "phash" and asset.phash:
             # computed upstream from the full frame (the best input; see docs/dedup.md)
@@ -367,6 +369,8 @@ class _HashAsset(beam.DoFn):
             data = _hash_input(asset, cfg.hash_input)
             value = neardup.image_hash_from_bytes(data, cfg.hash_kind)
         except Exception as exc:  # noqa: BLE001 - the stage contract: errors become ledger rows
+            if not self.count_in:
+                self._counters.seen.inc()
             self._counters.rejected(RejectReason.ERROR)
             yield beam.pvalue.TaggedOutput(
                 REJECTED, asset.reject(self.stage, RejectReason.ERROR, f"{type(exc).__name__}: {exc}"[:2000])

@@ -220,7 +220,7 @@ class ProcessChunk(beam.DoFn):
                                    DecodeImages(self.decode_cfg, dedup.hash_kind if dedup.near else None)]
         if dedup.near:
             # a hash of the source bytes must be taken before decode drops them
-            stages.insert(2 if dedup.hash_input == "source" else 3, _HashAsset("dedup_near", dedup))
+            stages.insert(2 if dedup.hash_input == "source" else 3, _HashAsset("dedup_near", dedup, count_in=False))
         self._stages = stages
         for dofn in (self._validate, *stages):
             dofn.setup()
@@ -387,6 +387,7 @@ class Decide(beam.DoFn):
     def _near(self, cols, survivors: list[int], previous, changes) -> list[int]:
         cfg = self.dedup
         counters = StageCounters("dedup_near")
+        counters.seen.inc(len(survivors))
         prefs = cfg.license_preference
         rows = [_Row(cols["asset_id"][i], neardup.hex_to_hash(cols["phash"][i]),
                      rank_key(cols["area"][i] or 0, cols["license_id"][i], cols["asset_id"][i], prefs))

@@ -76,6 +76,10 @@ def test_chunk_size_changes_nothing_but_the_ledger_layout(tiny_corpus, tmp_path)
     assert report.summary.rows_in == tiny_corpus["rows"] == len(_rows(small))
     reasons = {r["reason"] for r in _rows(small)}
     assert {"DUPLICATE_ASSET_ID", "EXACT_DUPLICATE", "NEAR_DUPLICATE"} <= reasons
+    c = report.counters  # each dedup stage accounts for what it was given
+    assert c["dedup_exact/in"] == c["dedup_exact/kept"] + c["dedup_exact/rejected/EXACT_DUPLICATE"]
+    assert c["dedup_near/in"] == c["dedup_exact/kept"] == c["dedup_near/kept"] + c["dedup_near/rejected/NEAR_DUPLICATE"]
+    assert c["validate/rejected/DUPLICATE_ASSET_ID"] == sum(r["reason"] == "DUPLICATE_ASSET_ID" for r in _rows(small))
     files = sorted(p.name for p in (small / "ledger").glob("*.parquet"))
     chunks = -(-tiny_corpus["rows"] // 4)
     assert len(files) == -(-chunks // 10) > 1 and len(list((whole / "ledger").glob("*.parquet"))) == 1
