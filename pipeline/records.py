@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from manifests.schema import ManifestEntry
+from pipeline.storage import read_span
 
 
 class RejectReason(str, enum.Enum):
@@ -124,18 +125,7 @@ class Asset:
             return self.image
         if self.image_uri is None:
             raise ValueError(f"asset {self.asset_id} has no decoded image")
-        url, _, span = self.image_uri.rpartition("@")
-        offset, _, length = span.partition(":")
-        if not url or not length.isdigit():
-            url, offset, length = self.image_uri, "0", "-1"
-        opener = open if "://" not in url else None  # local staging: skip fsspec's URL handling
-        if opener is None:
-            import fsspec
-
-            opener = fsspec.open
-        with opener(url, "rb") as handle:
-            handle.seek(int(offset))
-            return handle.read(int(length))
+        return read_span(self.image_uri)
 
     def replace(self, **changes: Any) -> "Asset":
         return dataclasses.replace(self, **changes)

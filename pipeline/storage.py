@@ -95,3 +95,46 @@ def file_sha256(url: str) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+class SpanWriter:
+    """An append-only file of many small objects; `append` returns a `file@offset:length`
+    pointer that `read_span` reads back. Opened on the first append; writing again to the
+    same URL (a retried bundle) starts it over."""
+
+    def __init__(self, url: str, flush_each: bool = False):
+        self.url = url
+        self.flush_each = flush_each  # for a reader fused into the same bundle
+        self._handle: IO[bytes] | None = None
+        self._offset = 0
+
+    def append(self, data: bytes) -> str:
+        if self._handle is None:
+            fs, path = url_to_fs(self.url)
+            if "/" in path:
+                fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+            self._handle = fs.open(path, "wb")
+            self._offset = 0
+        self._handle.write(data)
+        if self.flush_each:
+            self._handle.flush()
+        ref = f"{self.url}@{self._offset}:{len(data)}"
+        self._offset += len(data)
+        return ref
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+
+def read_span(ref: str) -> bytes:
+    """The bytes behind a `file@offset:length` pointer (a plain URL: the whole file)."""
+    url, _, span = ref.rpartition("@")
+    offset, _, length = span.partition(":")
+    if not url or not length.isdigit():
+        url, offset, length = ref, "0", "-1"
+    opener = open if "://" not in url else fsspec.open  # local: skip fsspec's URL handling
+    with opener(url, "rb") as handle:
+        handle.seek(int(offset))
+        return handle.read(int(length))

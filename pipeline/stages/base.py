@@ -14,7 +14,7 @@ from typing import Iterable
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from pipeline.records import Asset, Rejected, RejectReason
+from pipeline.records import Asset, RejectReason
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,6 @@ import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.utils import shared
 
-from pipeline import storage
 from pipeline.config import ClipConfig
 from pipeline.clip import ClipEmbedder, document_embedding, normalise
 from pipeline.stages.store import WriteKeyedParquet

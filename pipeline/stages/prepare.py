@@ -151,42 +151,8 @@ def _jsonl_spans(manifest_index: int, url: str, chunk_rows: int) -> Iterator[Chu
         yield Chunk(manifest_index, url, index, span=(start, offset), rows_before=before)
 
 
-class _Staging:
-    """Append-only staging file of one chunk; returns `file@offset:length` pointers."""
-
-    def __init__(self, url: str):
-        self.url = url
-        self._handle = None
-        self._offset = 0
-
-    def append(self, data: bytes) -> str:
-        if self._handle is None:
-            fs, path = fsspec.core.url_to_fs(self.url)
-            fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-            self._handle = fs.open(path, "wb")  # a retried chunk rewrites it from the start
-        self._handle.write(data)
-        ref = f"{self.url}@{self._offset}:{len(data)}"
-        self._offset += len(data)
-        return ref
-
-    def close(self) -> None:
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
-
-
-def read_span(ref: str) -> bytes:
-    """The bytes behind a `file@offset:length` pointer."""
-    url, _, span = ref.rpartition("@")
-    offset, _, length = span.partition(":")
-    opener = open if "://" not in url else fsspec.open
-    with opener(url, "rb") as handle:
-        handle.seek(int(offset))
-        return handle.read(int(length))
-
-
 def load_record(ref: str) -> Asset:
-    return pickle.loads(read_span(ref))
+    return pickle.loads(storage.read_span(ref))
 
 
 def _outcome(outputs: Iterable[Any]) -> tuple[Asset | None, Any]:
@@ -231,7 +197,7 @@ class ProcessChunk(beam.DoFn):
                 dofn.teardown()
 
     def process(self, chunk: Chunk) -> Iterator[dict[str, Any]]:
-        staging = _Staging(storage.join(self.work_dir, "staging", chunk.name + ".bin"))
+        staging = storage.SpanWriter(storage.join(self.work_dir, "staging", chunk.name + ".bin"))
         rows: list[dict[str, Any]] = []
         try:
             for source in chunk.source_rows():
@@ -244,7 +210,7 @@ class ProcessChunk(beam.DoFn):
         yield {"chunk": chunk.name, "manifest_index": chunk.manifest_index, "index": chunk.index,
                "rows": len(rows), "kept": sum(r["status"] == "kept" for r in rows)}
 
-    def _row(self, source: SourceRow, staging: _Staging) -> dict[str, Any]:
+    def _row(self, source: SourceRow, staging: storage.SpanWriter) -> dict[str, Any]:
         asset, rejected = _outcome(self._validate.process(source))
         validated = asset is not None
         for stage in self._stages:

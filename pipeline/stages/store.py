@@ -158,40 +158,22 @@ class StageImages(beam.DoFn):
     def __init__(self, staging_dir: str):
         super().__init__()
         self.staging_dir = staging_dir
-        self._handle = None
-        self._url = ""
-        self._offset = 0
+        self._writer: storage.SpanWriter | None = None
 
     def start_bundle(self) -> None:
-        self._handle = None
-
-    def _open(self) -> None:
         import uuid
 
-        from fsspec.core import url_to_fs
-
-        fs, path = url_to_fs(self.staging_dir)
-        fs.makedirs(path, exist_ok=True)
-        self._url = storage.join(self.staging_dir, f"{uuid.uuid4().hex}.bin")
-        self._handle = fs.open(storage.join(path, self._url.rsplit("/", 1)[-1]), "wb")
-        self._offset = 0
+        # a consumer fused into this bundle may read an image right away: flush each one
+        self._writer = storage.SpanWriter(storage.join(self.staging_dir, f"{uuid.uuid4().hex}.bin"), flush_each=True)
 
     def process(self, asset: Asset):
         if asset.image is None:
             yield asset
             return
-        if self._handle is None:
-            self._open()
-        self._handle.write(asset.image)
-        self._handle.flush()  # a consumer fused into this bundle may read it right away
-        uri = f"{self._url}@{self._offset}:{len(asset.image)}"
-        self._offset += len(asset.image)
-        yield asset.replace(image=None, image_uri=uri)
+        yield asset.replace(image=None, image_uri=self._writer.append(asset.image))
 
     def finish_bundle(self) -> None:
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
+        self._writer.close()
 
 
 class _WriteShard(beam.DoFn):

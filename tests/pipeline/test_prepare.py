@@ -11,7 +11,8 @@ from pipeline import ledger
 from pipeline.config import AlignConfig, CuratedConfig, ConfigError, RunConfig
 from pipeline.run import run
 from pipeline.stages.ingest import read_manifest
-from pipeline.stages.prepare import Chunk, load_record, read_chunks, read_span, _Staging
+from pipeline.storage import SpanWriter, read_span
+from pipeline.stages.prepare import Chunk, load_record, read_chunks
 from tests.pipeline.test_run import IN_MEMORY, tree_digest
 
 MULTI = ["--direct_running_mode=multi_processing", "--direct_num_workers=2"]
@@ -57,7 +58,7 @@ def test_chunks_hold_every_row_once_with_its_number(tmp_path, name):
 
 
 def test_staging_pointers_round_trip(tmp_path):
-    staging = _Staging(str(tmp_path / "staging" / "chunk.bin"))
+    staging = SpanWriter(str(tmp_path / "staging" / "chunk.bin"))
     refs = [staging.append(data) for data in (b"first", b"", b"third bytes")]
     staging.close()
     assert [read_span(r) for r in refs] == [b"first", b"", b"third bytes"]
