@@ -38,7 +38,7 @@ from pipeline import ledger, storage
 from pipeline.config import ConfigError, RunConfig
 from pipeline.stages.base import REJECTED
 from pipeline.stages.dedup import DedupSemantic
-from pipeline.stages.ingest import count_manifest_rows
+from pipeline.stages.ingest import count_manifest_rows, read_chunks
 from pipeline.stages.store import ReadCuratedStore, StageImages, WriteCuratedStore, write_index
 
 log = logging.getLogger(__name__)
@@ -176,7 +176,7 @@ def build_prepare_graph(p: beam.Pipeline, ctx: RunContext) -> None:
     summaries = (
         p
         | "ManifestUrls" >> beam.Create(list(enumerate(sorted(cfg.manifests))))
-        | "ReadChunks" >> beam.FlatMap(prepare.read_chunks, cfg.curated.chunk_rows)
+        | "ReadChunks" >> beam.FlatMap(read_chunks, cfg.curated.chunk_rows)
         | "Rebalance" >> beam.Reshuffle()
         | "ProcessChunks" >> beam.ParDo(prepare.ProcessChunk(
             cfg.validate, ctx.policy, cfg.fetch, cfg.decode, dataclasses.replace(cfg.dedup, semantic=False), work))

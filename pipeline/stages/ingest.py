@@ -1,4 +1,4 @@
-"""Read manifests (JSONL / CSV / Parquet, any fsspec URL) and validate rows.
+"""Read manifests (JSONL / CSV / Parquet, any fsspec URL), cut them into chunks, validate rows.
 
 Every raw row leaves validation either as an `Asset` or as a `Rejected`, so the ledger can
 account for it; a malformed line is a rejection, never a crashed run. Repeated asset_ids
@@ -12,10 +12,12 @@ import io
 import json
 import logging
 import unicodedata
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, NamedTuple
 
 import apache_beam as beam
 import fsspec
+from apache_beam.metrics import Metrics
+from fsspec.utils import infer_compression
 
 from manifests.schema import RowError, parse_entry
 from pipeline.config import ValidateConfig
@@ -110,6 +112,74 @@ def _read_parquet(url: str) -> Iterator[SourceRow]:
 def count_manifest_rows(url: str) -> int:
     """Independent row count used for the ledger invariant."""
     return sum(1 for _ in read_manifest(url))
+
+
+class Chunk(NamedTuple):
+    """Up to `chunk_rows` consecutive rows of one manifest (manifests in sorted URL order).
+
+    An uncompressed JSONL manifest's chunk is a byte range (`span`) that the worker reads
+    itself, so no row passes through the runner; other formats carry their `rows`.
+    """
+
+    manifest_index: int
+    manifest_uri: str
+    index: int
+    rows: tuple[SourceRow, ...] = ()
+    span: tuple[int, int] | None = None  # [start, end) bytes of the manifest
+    rows_before: int = 0  # rows of the manifest before this chunk (for row numbers)
+
+    @property
+    def name(self) -> str:
+        return chunk_name(self.manifest_index, self.index)
+
+    def source_rows(self) -> Iterable[SourceRow]:
+        if self.span is None:
+            return self.rows
+        start, end = self.span
+        with fsspec.open(self.manifest_uri, "rb") as handle:
+            handle.seek(start)
+            data = handle.read(end - start)
+        return list(_read_jsonl(self.manifest_uri, io.BytesIO(data), self.rows_before))
+
+
+def chunk_name(manifest_index: int, index: int) -> str:
+    return f"chunk-{manifest_index:04d}-{index:06d}"
+
+
+def read_chunks(item: tuple[int, str], chunk_rows: int) -> Iterator[Chunk]:
+    """(manifest index, URL) -> the manifest's chunks of `chunk_rows` rows, streamed."""
+    manifest_index, url = item
+    if manifest_format(url) == "jsonl" and infer_compression(url) is None:
+        yield from _jsonl_spans(manifest_index, url, chunk_rows)
+        return
+    counter = Metrics.counter("ingest", "in")
+    rows: list[SourceRow] = []
+    index = 0
+    for row in read_manifest(url):
+        counter.inc()
+        rows.append(row)
+        if len(rows) == chunk_rows:
+            yield Chunk(manifest_index, url, index, tuple(rows))
+            index, rows = index + 1, []
+    if rows:
+        yield Chunk(manifest_index, url, index, tuple(rows))
+
+
+def _jsonl_spans(manifest_index: int, url: str, chunk_rows: int) -> Iterator[Chunk]:
+    """Byte ranges of `chunk_rows` rows each; rows are counted as `ingest._read_jsonl` counts them."""
+    counter = Metrics.counter("ingest", "in")
+    index = rows = before = start = offset = 0
+    with fsspec.open(url, "rb") as handle:
+        for line in handle:
+            offset += len(line)
+            if jsonl_text(line).strip():
+                rows += 1
+                counter.inc()
+                if rows == chunk_rows:
+                    yield Chunk(manifest_index, url, index, span=(start, offset), rows_before=before)
+                    index, before, start, rows = index + 1, before + rows, offset, 0
+    if rows:
+        yield Chunk(manifest_index, url, index, span=(start, offset), rows_before=before)
 
 
 def clean_captions(captions: Iterable[str], cfg: ValidateConfig) -> tuple[tuple[str, ...], tuple[RejectReason, str] | None]:

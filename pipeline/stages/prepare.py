@@ -4,7 +4,7 @@ A runner that executes a batch pipeline stage by stage (the local DirectRunner d
 every PCollection that crosses a shuffle in memory, so a graph that shuffles one record per
 manifest row grows with the delivery. Here no full record crosses a shuffle:
 
-1. `read_chunks` cuts each manifest into chunks of `curated.chunk_rows` rows. A chunk of an
+1. `ingest.read_chunks` cuts each manifest into chunks of `curated.chunk_rows` rows. A chunk of an
    uncompressed JSONL manifest is a byte range that the worker reads; CSV, Parquet and
    compressed manifests carry their raw rows in the chunk (then those rows are the only
    per-row data a runner holds, once, packed 500 to an element).
@@ -15,8 +15,8 @@ manifest row grows with the delivery. Here no full record crosses a shuffle:
                              columns the global steps need (hashes, area, record pointer).
    It emits one small summary per chunk.
 3. `Decide` (one worker) reads only the compact columns of every slice and makes the
-   decisions that need the whole delivery: repeated asset_ids (the earliest manifest row
-   wins, as in `ingest._first_wins`), exact duplicates (`dedup.pick_exact`), near
+   decisions that need the whole delivery: repeated asset_ids (among rows that passed
+   validation, the earliest manifest row wins), exact duplicates (`dedup.pick_exact`), near
    duplicates (`dedup._cluster_hashes`), and the shard of every kept asset. It writes the
    ledger changes per ledger file (decisions/<part>.parquet) and emits one
    (shard, (key, record pointer, cluster_id)) per kept asset and one task per ledger file.
@@ -33,18 +33,16 @@ broken manifest pays.
 
 from __future__ import annotations
 
-import io
 import logging
 import pickle
 from collections import defaultdict
-from typing import Any, Iterable, Iterator, NamedTuple
+from typing import Any, Iterable, Iterator
 
 import apache_beam as beam
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.metrics import Metrics
-from fsspec.utils import infer_compression
 
 from manifests.policy import LicensePolicy
 from pipeline import ledger, neardup, storage
@@ -55,7 +53,7 @@ from pipeline.stages.decode import DecodeImages
 from pipeline.stages.dedup import (_cluster_hashes, _describe_near, _HashAsset, _previous_exact_keys, exact_key,
                                    load_previous_hashes, pick_exact, rank_key, _Row)
 from pipeline.stages.fetch import FetchImages
-from pipeline.stages.ingest import _read_jsonl, _ValidateRow, jsonl_text, manifest_format, read_manifest
+from pipeline.stages.ingest import Chunk, _ValidateRow
 from pipeline.stages.licenses import VerifyLicenses
 from pipeline.stages.store import shard_count, write_shard
 
@@ -78,77 +76,9 @@ _DECIDE_COLUMNS = ("asset_id", "manifest_uri", "manifest_row", "status", "valida
                    "phash", "area", "license_id", "record")
 
 
-class Chunk(NamedTuple):
-    """Up to `chunk_rows` consecutive rows of one manifest (manifests in sorted URL order).
-
-    An uncompressed JSONL manifest's chunk is a byte range (`span`) that the worker reads
-    itself, so no row passes through the runner; other formats carry their `rows`.
-    """
-
-    manifest_index: int
-    manifest_uri: str
-    index: int
-    rows: tuple[SourceRow, ...] = ()
-    span: tuple[int, int] | None = None  # [start, end) bytes of the manifest
-    rows_before: int = 0  # rows of the manifest before this chunk (for row numbers)
-
-    @property
-    def name(self) -> str:
-        return chunk_name(self.manifest_index, self.index)
-
-    def source_rows(self) -> Iterable[SourceRow]:
-        if self.span is None:
-            return self.rows
-        start, end = self.span
-        with fsspec.open(self.manifest_uri, "rb") as handle:
-            handle.seek(start)
-            data = handle.read(end - start)
-        return list(_read_jsonl(self.manifest_uri, io.BytesIO(data), self.rows_before))
-
-
-def chunk_name(manifest_index: int, index: int) -> str:
-    return f"chunk-{manifest_index:04d}-{index:06d}"
-
-
 def ledger_part(manifest_index: int, chunk_index: int) -> str:
     """The ledger file a chunk's rows go to: ledger-<manifest>-<part>.parquet."""
     return f"ledger-{manifest_index:04d}-{chunk_index // CHUNKS_PER_LEDGER_FILE:05d}"
-
-
-def read_chunks(item: tuple[int, str], chunk_rows: int) -> Iterator[Chunk]:
-    """(manifest index, URL) -> the manifest's chunks of `chunk_rows` rows, streamed."""
-    manifest_index, url = item
-    if manifest_format(url) == "jsonl" and infer_compression(url) is None:
-        yield from _jsonl_spans(manifest_index, url, chunk_rows)
-        return
-    counter = Metrics.counter("ingest", "in")
-    rows: list[SourceRow] = []
-    index = 0
-    for row in read_manifest(url):
-        counter.inc()
-        rows.append(row)
-        if len(rows) == chunk_rows:
-            yield Chunk(manifest_index, url, index, tuple(rows))
-            index, rows = index + 1, []
-    if rows:
-        yield Chunk(manifest_index, url, index, tuple(rows))
-
-
-def _jsonl_spans(manifest_index: int, url: str, chunk_rows: int) -> Iterator[Chunk]:
-    """Byte ranges of `chunk_rows` rows each; rows are counted as `ingest._read_jsonl` counts them."""
-    counter = Metrics.counter("ingest", "in")
-    index = rows = before = start = offset = 0
-    with fsspec.open(url, "rb") as handle:
-        for line in handle:
-            offset += len(line)
-            if jsonl_text(line).strip():
-                rows += 1
-                counter.inc()
-                if rows == chunk_rows:
-                    yield Chunk(manifest_index, url, index, span=(start, offset), rows_before=before)
-                    index, before, start, rows = index + 1, before + rows, offset, 0
-    if rows:
-        yield Chunk(manifest_index, url, index, span=(start, offset), rows_before=before)
 
 
 def load_record(ref: str) -> Asset:

@@ -12,7 +12,8 @@ from pipeline.config import AlignConfig, CuratedConfig, ConfigError, RunConfig
 from pipeline.run import run
 from pipeline.stages.ingest import read_manifest
 from pipeline.storage import SpanWriter, read_span
-from pipeline.stages.prepare import Chunk, load_record, read_chunks
+from pipeline.stages.ingest import Chunk, read_chunks
+from pipeline.stages.prepare import load_record
 from tests.pipeline.test_run import IN_MEMORY, tree_digest
 
 MULTI = ["--direct_running_mode=multi_processing", "--direct_num_workers=2"]
