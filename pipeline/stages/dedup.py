@@ -154,9 +154,7 @@ def pick_exact(members: list[Asset], previous: dict[str, str], config: DedupConf
     members.sort(key=lambda a: representative_rank(a, config.license_preference))
     prev_id = None
     for a in members:
-        prev_id = previous.get("sha:" + (a.sha256 or "")) or (
-            previous.get("px:" + a.pixel_sha256) if config.pixel_exact and a.pixel_sha256 else None
-        )
+        prev_id = previous_match(a.sha256, a.pixel_sha256, previous, config.pixel_exact)
         if prev_id:
             break
     rep = None if prev_id else members[0]
@@ -175,6 +173,12 @@ def pick_exact(members: list[Asset], previous: dict[str, str], config: DedupConf
         reject = a.reject(stage, RejectReason.EXACT_DUPLICATE, detail, dup_of=target, cluster_id=target)
         outputs.append((RejectReason.EXACT_DUPLICATE, reject))
     return outputs
+
+
+def previous_match(sha256: str | None, pixel_sha256: str | None, previous: dict[str, str], pixel_exact: bool) -> str | None:
+    """The previous-run asset_id with the same source bytes (or, with pixel_exact, pixels)."""
+    return previous.get("sha:" + (sha256 or "")) or (
+        previous.get("px:" + pixel_sha256) if pixel_exact and pixel_sha256 else None)
 
 
 def _previous_exact_keys(prev: PreviousAsset) -> Iterable[tuple[str, str]]:

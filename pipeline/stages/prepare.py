@@ -51,7 +51,7 @@ from pipeline.records import Asset, RejectReason, SourceRow
 from pipeline.stages.base import StageCounters
 from pipeline.stages.decode import DecodeImages
 from pipeline.stages.dedup import (_cluster_hashes, _describe_near, _HashAsset, _previous_exact_keys, exact_key,
-                                   load_previous_hashes, pick_exact, rank_key, _Row)
+                                   load_previous_hashes, pick_exact, previous_match, rank_key, _Row)
 from pipeline.stages.fetch import FetchImages
 from pipeline.stages.ingest import Chunk, _ValidateRow
 from pipeline.stages.licenses import VerifyLicenses
@@ -255,13 +255,10 @@ class Decide(beam.DoFn):
         for i in survivors:
             groups[exact_key(cols["sha256"][i], cols["pixel_sha256"][i], cols["asset_id"][i], cfg.pixel_exact)].append(i)
         kept = []
-        def seen_before(i: int) -> bool:
-            px = cols["pixel_sha256"][i]
-            return bool(prev_keys.get("sha:" + (cols["sha256"][i] or "")) or (
-                cfg.pixel_exact and px and prev_keys.get("px:" + px)))
-
         for members in groups.values():
-            if len(members) == 1 and not seen_before(members[0]):
+            one = members[0]
+            if len(members) == 1 and not previous_match(cols["sha256"][one], cols["pixel_sha256"][one], prev_keys,
+                                                        cfg.pixel_exact):
                 kept.extend(members)
                 continue
             position = {cols["asset_id"][i]: i for i in members}

@@ -128,3 +128,21 @@ def test_a_kept_record_is_the_asset_without_pixels_in_memory(tiny_corpus, tmp_pa
 def test_chunk_rows_is_validated():
     with pytest.raises(ConfigError, match="chunk_rows"):
         CuratedConfig(chunk_rows=0)
+
+
+def test_a_redelivery_is_deduplicated_against_the_previous_run(tiny_corpus, tmp_path):
+    """dedup.previous_run in a run: copies of curated assets under new ids are rejected with
+    dup_of = the asset of the earlier store, by exact match before near search."""
+    first = tmp_path / "first"
+    run(_config(tiny_corpus, first, 500), until="curated", beam_flags=IN_MEMORY)
+    kept = [r["asset_id"] for r in _rows(first) if r["status"] == "kept"][:2]
+    by_id = {c["asset_id"]: c for c in tiny_corpus["coco"]}
+    manifest = tiny_corpus["dir"] / "again.jsonl"
+    manifest.write_text("".join(json.dumps(dict(by_id[a], asset_id=f"again-{a}")) + "\n" for a in kept))
+    cfg = dataclasses.replace(_config(tiny_corpus, tmp_path / "second", 500), manifests=(str(manifest),))
+    cfg = dataclasses.replace(cfg, dedup=dataclasses.replace(cfg.dedup, previous_run=str(first / "curated")))
+    report = run(cfg, until="curated", beam_flags=IN_MEMORY)
+    rows = _rows(tmp_path / "second")
+    assert [(r["reason"], r["dup_of"]) for r in rows] == [("EXACT_DUPLICATE", a) for a in kept]
+    assert all("previous run" in r["detail"] for r in rows) and report.summary.kept == 0
+    assert report.counters["dedup_exact/rejected/EXACT_DUPLICATE"] == 2
