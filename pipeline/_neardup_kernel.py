@@ -144,6 +144,8 @@ def probe_band(sorted_a, sva, q_lo, q_hi, sorted_b, occupied, huge, bounds, mask
                     end = start + bs[j]
                     hp = sorted_a[p]
                     candidates += end - start
+                    # the same hit loop as the self-join's above, written out: as an inlined
+                    # helper returning the grown arrays it measured ~20 % slower at 1M hashes
                     for m in range(start, end):
                         if _popcount(hp ^ sorted_b[m]) <= radius:
                             if nh == len(hq):
