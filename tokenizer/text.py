@@ -4,10 +4,18 @@ Byte-level means every string round-trips exactly (no unknown tokens); the speci
 come first with fixed ids (pad=0, bos=1, eos=2, <break>=3, <img>=4, </img>=5, <mask:0..N-1>=6..),
 so the joint vocabulary can rely on them without reading the merges. The saved file is a plain
 `tokenizer.json`, loadable by `tokenizers.Tokenizer.from_file` from any language.
+
+Text is data: a caption that spells `<img>` or `<mask:0>` must encode as those characters, never
+as a control id. HF tokenizers match "added tokens" in the raw text before anything else, so the
+specials are kept as ordinary vocabulary entries instead (`plain_specials`): the byte-level
+pre-tokenizer splits `<`, letters and `>` into separate pieces, and no merge can rebuild a
+special from text. The saved file therefore has no `added_tokens`, and any loader (ours, or
+`Tokenizer.from_file`) encodes captions safely.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Iterable, Iterator
 
@@ -52,6 +60,7 @@ def train_bpe(captions: Iterable[str], vocab_size: int, out_path: str | None = N
         show_progress=False,
     )
     tok.train_from_iterator(_nonempty(captions), trainer=trainer)
+    tok = plain_specials(tok)
     for i, s in enumerate(specials):  # the contract other code relies on
         if tok.token_to_id(s) != i:
             raise RuntimeError(f"special token {s} got id {tok.token_to_id(s)}, expected {i}")
@@ -59,6 +68,25 @@ def train_bpe(captions: Iterable[str], vocab_size: int, out_path: str | None = N
     if out_path is not None:
         save_bpe(tok, out_path)
     return tok
+
+
+def plain_specials(tok: Tokenizer) -> Tokenizer:
+    """The same tokenizer with its added tokens turned into plain vocabulary entries (same ids),
+    so no text can produce them; see the module docstring."""
+    data = json.loads(tok.to_str())
+    added = data.get("added_tokens") or []
+    if not added:
+        return tok
+    model_vocab = data["model"].get("vocab")
+    if not isinstance(model_vocab, dict):
+        raise ValueError(f"tokenizer model {data['model'].get('type')} has no vocabulary map; only BPE is supported")
+    for token in added:
+        known = model_vocab.get(token["content"])
+        if known is not None and known != token["id"]:
+            raise ValueError(f"added token {token['content']!r} has id {token['id']} but the vocabulary says {known}")
+        model_vocab[token["content"]] = token["id"]
+    data["added_tokens"] = []
+    return Tokenizer.from_str(json.dumps(data))
 
 
 def _nonempty(captions: Iterable[str]) -> Iterator[str]:
@@ -87,9 +115,10 @@ def save_bpe(tok: Tokenizer, url: str) -> None:
 
 
 def load_bpe(url: str) -> Tokenizer:
-    """Load a saved tokenizer.json from a local path or fsspec URL."""
+    """Load a saved tokenizer.json from a local path or fsspec URL; added tokens (a file from
+    elsewhere may have them) become plain vocabulary entries, so captions never produce them."""
     with fsspec.open(url, "r", encoding="utf-8") as f:
-        return Tokenizer.from_str(f.read())
+        return plain_specials(Tokenizer.from_str(f.read()))
 
 
 def num_mask_sentinels(tok: Tokenizer) -> int:
@@ -101,7 +130,8 @@ def num_mask_sentinels(tok: Tokenizer) -> int:
 
 
 def encode(tok: Tokenizer, text: str) -> list[int]:
-    """Caption -> ids without adding bos/eos (the CM3 format decides where those go)."""
+    """Caption -> ids without adding bos/eos (the CM3 format decides where those go). Text that
+    spells a special token encodes as plain text (see the module docstring)."""
     return tok.encode(text, add_special_tokens=False).ids
 
 
