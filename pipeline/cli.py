@@ -78,6 +78,7 @@ def format_report(report: RunReport) -> str:
         f"  ledger:   {report.out}/ledger/   (one row per manifest row)",
         f"  curated:  {report.out}/curated/  (webdataset tar + metadata/embeddings Parquet)",
         f"  models:   {report.out}/models/   index: {report.out}/index/ (FAISS + neighbours)",
+        f"  tokens:   {report.out}/tokens/   (Megatron .bin/.idx shards + sequences.parquet, docs/shards.md)",
         f"  run.json: {report.out}/run.json",
         "",
         "steps: " + ", ".join(f"{r.name} ({'skipped, already complete' if r.skipped else f'{r.seconds:.1f}s'})"
@@ -90,13 +91,19 @@ def format_report(report: RunReport) -> str:
     info = {r.name: r.info for r in report.steps}
     vq = info.get("vq", {})
     if "psnr_db" in vq:
-        lines.append(f"vq tokenizer ({vq.get('model')}, held-out {vq.get('images')} images at 256 px): "
+        lines.append(f"vq tokenizer ({vq.get('model')}, held-out {vq.get('images')} images at {vq.get('resolution_px', '?')} px): "
                      f"PSNR {vq['psnr_db']:.2f} dB  SSIM {vq['ssim']:.3f}  codebook usage "
                      f"{vq['codebook_usage_pct']:.1f}%  perplexity {vq['perplexity']:.0f}  (grid: models/vq/vq-recon.png)")
     text = info.get("text", {})
     if "vocab_size" in text:
         lines.append(f"joint vocabulary: {text['text_ids']} text ids (BPE learned {text['bpe_tokens']}), image codes at "
                      f"offset {text['image_offset']}, {text['vocab_size']} ids, {text['dtype']} (models/vocab.json)")
+    tokens = info.get("tokens", {})
+    if "sequences" in tokens:
+        nb = ", ".join(f"{c} with {n}" for n, c in sorted(tokens.get("sequences_with_neighbours", {}).items()))
+        lines.append(f"token shards: {tokens['shards']} shards, {tokens['sequences']} sequences, {tokens['tokens']} tokens "
+                     f"({tokens['dtype']}); neighbours per sequence: {nb or 'none'}; "
+                     f"{tokens['too_long']} documents too long (tokens/index.json)")
     lines += ["", f"{'stage/reason':<40} {'rows':>6}"]
     for name, count in sorted(s.by_stage_reason.items(), key=lambda kv: (-kv[1], kv[0])):
         lines.append(f"{name:<40} {count:>6}")

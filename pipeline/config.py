@@ -260,6 +260,36 @@ class TextConfig:
             raise ConfigError("text.num_mask_sentinels must be in [1, 256]")
 
 
+TOKEN_ORDERS = ("text_first", "image_first", "mixed")
+
+
+@dataclass(frozen=True)
+class TokensConfig:
+    """The `tokens` step: CM3 sequences `[bos] n1 <break> ... nk <break> main [eos]` written as
+    Megatron .bin/.idx shards (docs/shards.md). `order` is a document's caption/image order:
+    fixed, or `mixed`, a seeded per-sequence choice with `image_first_fraction` image-first
+    (Chameleon flipped half of its pairs so one model learns captioning and generation)."""
+
+    k: int = 2  # retrieved neighbours per sequence (CM3leon: 2-3); at most neighbours.k
+    max_tokens: int = 4096  # CM3leon's sequence length; least relevant neighbours go first
+    order: str = "mixed"  # text_first | image_first | mixed
+    image_first_fraction: float = 0.5  # order=mixed only
+    sequences_per_shard: int = 10_000
+    webdataset: bool = False  # also write tokens-NNNNNN.tar (KEY.tokens.npy + KEY.json)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.k, int) or self.k < 0:
+            raise ConfigError(f"tokens.k must be an int >= 0, got {self.k!r}")
+        if self.max_tokens < 8:
+            raise ConfigError(f"tokens.max_tokens must be >= 8, got {self.max_tokens!r}")
+        if self.order not in TOKEN_ORDERS:
+            raise ConfigError(f"tokens.order must be one of {TOKEN_ORDERS}, got {self.order!r}")
+        if not 0.0 <= self.image_first_fraction <= 1.0:
+            raise ConfigError(f"tokens.image_first_fraction must be in [0, 1], got {self.image_first_fraction!r}")
+        if self.sequences_per_shard < 1:
+            raise ConfigError("tokens.sequences_per_shard must be >= 1")
+
+
 @dataclass(frozen=True)
 class BeamConfig:
     """Runner flags; `options` pass straight to Beam's PipelineOptions (e.g. `--runner`)."""
@@ -295,6 +325,7 @@ class RunConfig:
     neighbours: NeighbourConfig = field(default_factory=NeighbourConfig)
     vq: VQRunConfig = field(default_factory=VQRunConfig)
     text: TextConfig = field(default_factory=TextConfig)
+    tokens: TokensConfig = field(default_factory=TokensConfig)
     beam: BeamConfig = field(default_factory=BeamConfig)
 
     def to_json(self) -> dict[str, Any]:

@@ -53,6 +53,8 @@ class RejectReason(str, enum.Enum):
     SEMANTIC_DUPLICATE = "SEMANTIC_DUPLICATE"
     # alignment
     LOW_ALIGNMENT = "LOW_ALIGNMENT"
+    # token sequences
+    SEQUENCE_TOO_LONG = "SEQUENCE_TOO_LONG"  # the document alone exceeds tokens.max_tokens
     # audit
     TAKEN_DOWN = "TAKEN_DOWN"
     # anything unexpected: the exception message goes to `detail`

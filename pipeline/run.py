@@ -9,6 +9,8 @@ Steps run in order; each belongs to a user-facing phase (`--until`):
              text    (D: byte-level BPE on the captions + the joint vocabulary)
              encode  (apply the VQ tokenizer to every curated image: codes Parquet)
     index    index   (E: FAISS index over document embeddings + neighbour table)
+    tokens   tokens  (F: CM3 sequences -> Megatron .bin/.idx shards + provenance; ledger
+                      rejects documents too long for tokens.max_tokens)
 
 A step is done when `OUT/_state/<step>.json` holds the same config hash; the hash chains
 the hashes of the steps before it, so changing an upstream setting reruns everything
@@ -43,7 +45,7 @@ from pipeline.stages.store import ReadCuratedStore, StageImages, WriteCuratedSto
 
 log = logging.getLogger(__name__)
 
-PHASES = ("curated", "models", "index")
+PHASES = ("curated", "models", "index", "tokens")
 PACKAGES = ("apache-beam", "pyarrow", "pillow", "numpy", "torch", "torchvision", "open-clip-torch",
             "faiss-cpu", "tokenizers", "safetensors", "webdataset", "imagehash", "fsspec")
 
@@ -70,6 +72,7 @@ class RunContext:
     cfg: RunConfig
     policy: LicensePolicy
     options: PipelineOptions
+    config_hash: str = ""  # the running step's chained config hash (recorded in its outputs)
 
     @property
     def out(self) -> str:
@@ -330,6 +333,8 @@ def step_vq(ctx: RunContext):
     evaluation = storage.read_json(storage.join(out, "vq-eval.json")) if storage.exists(storage.join(out, "vq-eval.json")) else {}
     info = {"trained": True, "model": vq.model}
     info.update({k: v for k, v in evaluation.items() if isinstance(v, (int, float, str, bool))})
+    if evaluation.get("resolution"):  # [h, w] of the held-out images: the curated resolution
+        info["resolution_px"] = int(evaluation["resolution"][0])
     info.update({k: v for k, v in result.items() if isinstance(v, (int, float, str, bool)) and k not in info})
     return {}, info
 
@@ -363,7 +368,7 @@ def step_encode(ctx: RunContext):
     counters = {f"encode/{k}": int(v) for k, v in result["counters"].items()}
     failed = _encode_failures(ctx.path("codes", "encode-rejected.jsonl"))
     if failed:
-        _reject_in_ledger(ctx.out, failed)
+        _update_ledger(ctx.out, "encode", reject={k: ("ERROR", v) for k, v in failed.items()})
     return counters, {"files": len(result["files"]), "rejected": len(failed)}
 
 
@@ -381,15 +386,26 @@ def _encode_failures(url: str) -> dict[str, str]:
     return failures
 
 
-def _reject_in_ledger(out: str, failures: dict[str, str]) -> None:
-    """Mark kept ledger rows whose image could not be encoded as rejected (stage encode, ERROR)."""
+def _update_ledger(out: str, stage: str, reject: dict[str, tuple[str, str]] | None = None,
+                   restore: bool = False) -> int:
+    """Rejections a later step makes, by asset key: `reject` maps key -> (reason, detail) for
+    kept rows. `restore` first turns this stage's earlier rejections back into kept rows (a
+    rerun with another config decides afresh). Rewrites the ledger only when something changed."""
     rows = ledger.read_ledger(out).to_pylist()
+    changed = 0
     for row in rows:
-        if row["status"] == "kept" and row["key"] in failures:
-            row.update(status="rejected", stage="encode", reason="ERROR", detail=failures[row["key"]][:2000])
-    import pyarrow as pa
+        if restore and row["status"] == "rejected" and row["stage"] == stage:
+            row.update(status="kept", stage="curated", reason=None, detail=None)
+            changed += 1
+        if reject and row["status"] == "kept" and row["key"] in reject:
+            reason, detail = reject[row["key"]]
+            row.update(status="rejected", stage=stage, reason=reason, detail=detail[:2000])
+            changed += 1
+    if changed:
+        import pyarrow as pa
 
-    ledger.rewrite_ledger(out, pa.Table.from_pylist(rows, schema=ledger.LEDGER_SCHEMA))
+        ledger.rewrite_ledger(out, pa.Table.from_pylist(rows, schema=ledger.LEDGER_SCHEMA))
+    return changed
 
 
 # ----------------------------------------------------------------------------- step: index
@@ -416,6 +432,67 @@ def step_index(ctx: RunContext):
     return counters, {k: v for k, v in info.items() if isinstance(v, (int, float, str, bool))}
 
 
+# ----------------------------------------------------------------------------- step: tokens
+
+TOO_LONG = "_work/tokens-too-long.jsonl"
+
+
+def build_tokens_graph(p: beam.Pipeline, ctx: RunContext, num_shards: int, dtype: str, extra: dict[str, Any]) -> None:
+    from pipeline.stages.tokens import WriteTokenShards
+
+    curated, codes, index = ctx.path("curated"), ctx.path("codes"), ctx.path("index")
+    inputs = {
+        "meta": p | "ReadMetadata" >> beam.io.ReadFromParquet(
+            storage.join(curated, "metadata-*.parquet"), columns=["key", "asset_id", "captions", "license_id", "licensor"]),
+        "codes": p | "ReadCodes" >> beam.io.ReadFromParquet(storage.join(codes, "codes-*.parquet"), columns=["key", "codes"]),
+        "neighbours": p | "ReadNeighbours" >> beam.io.ReadFromParquet(storage.join(index, "neighbours-*.parquet")),
+    }
+    _ = inputs | "WriteTokenShards" >> WriteTokenShards(
+        ctx.cfg.tokens, ctx.path("tokens", "vocab.json"), ctx.path("tokens"), ctx.path(TOO_LONG), ctx.cfg.seed,
+        num_shards, dtype, extra)
+
+
+def step_tokens(ctx: RunContext):
+    """F: CM3 sequences -> `tokens/` (docs/shards.md); documents too long for the budget are
+    rejected in the ledger (stage tokens, SEQUENCE_TOO_LONG)."""
+    import math
+
+    from tokenizer.vocab import JointVocab
+
+    cfg = ctx.cfg.tokens
+    models, tokens = ctx.path("models"), ctx.path("tokens")
+    for name in ("vocab.json", "text-bpe.json"):  # the shard set carries its vocabulary
+        _copy(storage.join(models, name), storage.join(tokens, name))
+    vocab = JointVocab.load(storage.join(tokens, "vocab.json"), with_text=False)
+    restored = _update_ledger(ctx.out, "tokens", restore=True)
+    curated = storage.read_json(ctx.path("curated", "index.json"))["samples"]
+    num_shards = max(1, math.ceil(curated / cfg.sequences_per_shard))
+    extra = {
+        "config_hash": ctx.config_hash,
+        "vocab_size": vocab.size,
+        "vocab_sha256": storage.file_sha256(storage.join(models, "vocab.json")),
+        "bpe_sha256": storage.file_sha256(storage.join(models, "text-bpe.json")),
+        "vq_sha256": storage.file_sha256(storage.join(models, "vq", "vq.safetensors")),
+        "layout": "[bos] neighbour_1 <break> ... neighbour_k <break> main [eos]",
+        "k": cfg.k, "max_tokens": cfg.max_tokens, "order": cfg.order, "seed": ctx.cfg.seed,
+    }
+    counters = run_beam(lambda p: build_tokens_graph(p, ctx, num_shards, vocab.dtype.name, extra), ctx.options)
+    too_long = {}
+    import fsspec
+
+    with fsspec.open(ctx.path(TOO_LONG), "rt") as handle:
+        for line in handle:
+            if line.strip():
+                row = json.loads(line)
+                too_long[row["key"]] = ("SEQUENCE_TOO_LONG", row["detail"])
+    _update_ledger(ctx.out, "tokens", reject=too_long)
+    storage.remove_tree(ctx.path(TOO_LONG))
+    index = storage.read_json(storage.join(tokens, "index.json"))
+    return counters, {"shards": len(index["shards"]), "sequences": index["sequences"], "tokens": index["tokens"],
+                      "too_long": len(too_long), "restored": restored, "dtype": index["dtype"],
+                      "sequences_with_neighbours": index["sequences_with_neighbours"]}
+
+
 STEPS: tuple[Step, ...] = (
     Step("prepare", "curated", ("validate", "fetch", "decode", "curated", "dedup"), (PREPARED, STAGING, SLICES, DECISIONS),
          step_prepare),
@@ -425,6 +502,7 @@ STEPS: tuple[Step, ...] = (
     Step("text", "models", ("text",), ("models/text-bpe.json", "models/vocab.json"), step_text),
     Step("encode", "models", ("vq",), ("codes",), step_encode),
     Step("index", "index", ("index", "neighbours"), ("index",), step_index),
+    Step("tokens", "tokens", ("tokens",), ("tokens", TOO_LONG), step_tokens),
 )
 
 
@@ -467,6 +545,9 @@ def run(cfg: RunConfig, until: str = PHASES[-1], beam_flags: Sequence[str] = ())
         raise ConfigError(f"--until must be one of {PHASES}, got {until!r}")
     if PHASES.index(until) >= PHASES.index("index") and not cfg.align.enabled:
         raise ConfigError("the retrieval index needs CLIP embeddings: set align.enabled or run --until curated")
+    if cfg.tokens.k > cfg.neighbours.k:
+        raise ConfigError(f"tokens.k is {cfg.tokens.k} but the neighbour table holds neighbours.k = "
+                          f"{cfg.neighbours.k} per document: raise neighbours.k or lower tokens.k")
     policy = load_policy(cfg.policy)
     digests = {url: storage.file_sha256(url) for url in cfg.manifests}
     ctx = RunContext(cfg, policy, beam_options(cfg, beam_flags))
@@ -493,7 +574,7 @@ def run(cfg: RunConfig, until: str = PHASES[-1], beam_flags: Sequence[str] = ())
         for name in step.outputs:
             storage.remove_tree(ctx.path(name))
         upstream_ran = True  # a rerun step's outputs are rewritten: everything after it reruns too
-        step_counters, info = step.action(ctx)
+        step_counters, info = step.action(dataclasses.replace(ctx, config_hash=chain))
         counters.update(step_counters)
         seconds = time.monotonic() - started
         storage.write_json(_state_url(cfg.out, step.name), {

@@ -1,0 +1,314 @@
+"""Phase F: CM3 training sequences, written as token shards with per-sequence provenance.
+
+For every curated document that has VQ codes, the `tokens` step builds one sequence
+`[bos] n1 <break> ... nk <break> main [eos]` (layout: tokenizer/cm3.py; files:
+tokenizer/token_shards.py, docs/shards.md). The graph is two joins, so no worker holds the
+corpus: documents (curated metadata ⋈ codes, by key), then each document is sent to the
+sequences that retrieved it (⋈ neighbour table, by neighbour key), then main ⋈ its neighbours.
+A sequence over `tokens.max_tokens` drops its least relevant neighbours first; a document that
+does not fit alone is rejected (`SEQUENCE_TOO_LONG`) and the step records it in the ledger.
+Shards are assigned by a stable hash of the key and sorted inside, so reruns are byte-identical.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Sequence
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.metrics import Metrics
+
+from pipeline import storage
+from pipeline.config import TokensConfig
+from tokenizer import token_shards
+from tokenizer.cm3 import CM3Format, build_document, build_sequence
+
+log = logging.getLogger(__name__)
+
+STAGE = "tokens"
+TOO_LONG = "too_long"  # tagged output: (key, asset_id, detail)
+
+
+@dataclass(frozen=True)
+class Document:
+    """One curated document, ready to lay out: caption ids and raw VQ codes (no offset yet)."""
+
+    key: str
+    asset_id: str
+    license_id: str | None
+    licensor: str | None
+    text: np.ndarray  # caption ids, vocab dtype
+    codes: np.ndarray  # raw VQ codes, flat
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.text) + len(self.codes) + 2  # + <img> and </img>
+
+
+def _unit(seed: int, purpose: str, key: str) -> float:
+    """A uniform number in [0, 1) that is a pure function of (seed, purpose, key)."""
+    digest = hashlib.sha256(f"{purpose}:{seed}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def caption_index(seed: int, key: str, n: int) -> int:
+    """Which of a document's captions it uses (seeded, so every caption of a corpus is used)."""
+    return min(n - 1, int(_unit(seed, "caption", key) * n)) if n > 1 else 0
+
+
+def sequence_order(cfg: TokensConfig, seed: int, key: str) -> str:
+    """`text_first` or `image_first` for the sequence whose main document is `key`."""
+    if cfg.order != "mixed":
+        return cfg.order
+    return "image_first" if _unit(seed, "order", key) < cfg.image_first_fraction else "text_first"
+
+
+def make_document(vocab, meta: dict[str, Any], codes: np.ndarray, seed: int) -> Document:
+    """Curated metadata row + codes -> Document (the caption is encoded as plain text)."""
+    captions = [c for c in (meta.get("captions") or []) if isinstance(c, str)]
+    caption = captions[caption_index(seed, meta["key"], len(captions))] if captions else ""
+    return Document(key=meta["key"], asset_id=meta["asset_id"], license_id=meta.get("license_id"),
+                    licensor=meta.get("licensor"), text=vocab.text_to_ids(caption),
+                    codes=np.asarray(codes, dtype=np.uint32).reshape(-1))
+
+
+def sequence_length(main: Document, neighbours: Sequence[Document]) -> int:
+    return 2 + main.num_tokens + sum(n.num_tokens + 1 for n in neighbours)  # bos, eos, a <break> each
+
+
+def fit_neighbours(main: Document, ranked: Sequence[Document], k: int, max_tokens: int) -> list[Document] | None:
+    """The first `k` neighbours minus the least relevant ones until the sequence fits; None
+    when the main document alone does not fit."""
+    chosen = list(ranked[:k])
+    while chosen and sequence_length(main, chosen) > max_tokens:
+        chosen.pop()
+    if sequence_length(main, chosen) > max_tokens:
+        return None
+    return chosen
+
+
+def assemble(vocab, main: Document, neighbours: Sequence[Document], order: str) -> np.ndarray:
+    fmt = CM3Format(image_first=order == "image_first")
+    docs = [build_document(vocab, d.text, d.codes, fmt) for d in neighbours]
+    return build_sequence(vocab, docs, build_document(vocab, main.text, main.codes, fmt), fmt)
+
+
+def provenance_row(main: Document, neighbours: Sequence[Document], scores: Sequence[float], order: str) -> dict[str, Any]:
+    docs = [main, *neighbours]
+    return {
+        "key": main.key,
+        "main_asset_id": main.asset_id,
+        "asset_ids": [d.asset_id for d in docs],
+        "roles": ["main"] + ["neighbour"] * len(neighbours),
+        "license_ids": [d.license_id for d in docs],
+        "licensors": [d.licensor for d in docs],
+        "neighbour_scores": [float(s) for s in scores],
+        "order": order,
+    }
+
+
+# ----------------------------------------------------------------------------- Beam
+
+
+class _Vocab:
+    """Loads the joint vocabulary (with its BPE) once per DoFn instance, in `setup`."""
+
+    def __init__(self, vocab_url: str):
+        self.vocab_url = vocab_url
+        self.vocab = None
+
+    def load(self):
+        from tokenizer.vocab import JointVocab
+
+        if self.vocab is None:
+            self.vocab = JointVocab.load(self.vocab_url, with_text=True)
+        return self.vocab
+
+
+class _MakeDocuments(beam.DoFn):
+    """(key, {meta: [row], codes: [row]}) -> (key, Document); a key without codes was rejected
+    by the encode step already and is only counted."""
+
+    def __init__(self, vocab_url: str, seed: int):
+        super().__init__()
+        self._vocab = _Vocab(vocab_url)
+        self.seed = seed
+
+    def setup(self) -> None:
+        self.vocab = self._vocab.load()
+        self.no_codes = Metrics.counter(STAGE, "documents_without_codes")
+        self.documents = Metrics.counter(STAGE, "documents")
+
+    def process(self, item: tuple[str, dict[str, list]]) -> Iterator[tuple[str, Document]]:
+        key, groups = item
+        if not groups["meta"]:
+            return
+        if not groups["codes"]:
+            self.no_codes.inc()
+            return
+        self.documents.inc()
+        yield key, make_document(self.vocab, groups["meta"][0], groups["codes"][0]["codes"], self.seed)
+
+
+def _requests(row: dict[str, Any], k: int) -> Iterator[tuple[str, tuple[str, int, float]]]:
+    """Neighbour table row -> (neighbour key, (main key, rank, score)) for the first k."""
+    for rank, (nkey, score) in enumerate(zip(row["neighbour_keys"] or [], row["scores"] or [])):
+        if rank >= k:
+            break
+        yield nkey, (row["key"], rank, float(score))
+
+
+class _SendNeighbour(beam.DoFn):
+    """(neighbour key, {doc, req}) -> (main key, (rank, score, Document)) for every request."""
+
+    def setup(self) -> None:
+        self.missing = Metrics.counter(STAGE, "neighbours_without_document")
+
+    def process(self, item: tuple[str, dict[str, list]]) -> Iterator[tuple[str, tuple[int, float, Document]]]:
+        _, groups = item
+        doc = groups["doc"][0] if groups["doc"] else None
+        for main_key, rank, score in groups["req"]:
+            if doc is None:  # its image was rejected after the index was built (e.g. encode)
+                self.missing.inc()
+                continue
+            yield main_key, (rank, score, doc)
+
+
+class _AssembleSequences(beam.DoFn):
+    """(main key, {main, neighbours}) -> (shard, (key, tokens, provenance)) or TOO_LONG."""
+
+    def __init__(self, vocab_url: str, cfg: TokensConfig, seed: int, num_shards: int):
+        super().__init__()
+        self._vocab = _Vocab(vocab_url)
+        self.cfg, self.seed, self.num_shards = cfg, seed, num_shards
+
+    def setup(self) -> None:
+        self.vocab = self._vocab.load()
+        self.seen = Metrics.counter(STAGE, "in")
+        self.kept = Metrics.counter(STAGE, "kept")
+        self.too_long = Metrics.counter(STAGE, "rejected/SEQUENCE_TOO_LONG")
+        self.dropped = Metrics.counter(STAGE, "neighbours_dropped_for_budget")
+
+    def process(self, item: tuple[str, dict[str, list]]):
+        key, groups = item
+        if not groups["main"]:
+            return
+        main: Document = groups["main"][0]
+        self.seen.inc()
+        ranked = sorted(groups["neighbours"], key=lambda n: n[0])
+        docs = [d for _, _, d in ranked]
+        chosen = fit_neighbours(main, docs, self.cfg.k, self.cfg.max_tokens)
+        if chosen is None:
+            self.too_long.inc()
+            detail = (f"document alone is {sequence_length(main, [])} tokens (caption {len(main.text)}, "
+                      f"image {len(main.codes)}), tokens.max_tokens is {self.cfg.max_tokens}")
+            yield beam.pvalue.TaggedOutput(TOO_LONG, (key, main.asset_id, detail))
+            return
+        self.dropped.inc(min(len(docs), self.cfg.k) - len(chosen))
+        self.kept.inc()
+        order = sequence_order(self.cfg, self.seed, key)
+        tokens = assemble(self.vocab, main, chosen, order)
+        row = provenance_row(main, chosen, [s for _, s, _ in ranked[: len(chosen)]], order)
+        yield storage.stable_bucket(key, self.num_shards), (key, tokens, row)
+
+
+class _WriteTokenShard(beam.DoFn):
+    def __init__(self, tokens_dir: str, dtype: str, webdataset: bool):
+        super().__init__()
+        self.tokens_dir, self.dtype, self.webdataset = tokens_dir, dtype, webdataset
+
+    def process(self, item: tuple[int, Iterable[tuple[str, np.ndarray, dict[str, Any]]]]) -> Iterator[dict[str, Any]]:
+        shard, items = item
+        items = sorted(items, key=lambda t: t[0])
+        yield write_token_shard(self.tokens_dir, shard, [t[1] for t in items], [t[2] for t in items],
+                                self.dtype, self.webdataset)
+
+
+def write_token_shard(tokens_dir: str, shard: int, sequences: Sequence[np.ndarray], rows: Sequence[dict[str, Any]],
+                      dtype: str, webdataset: bool) -> dict[str, Any]:
+    """Encode shard `shard` and write each of its files atomically; returns its index entry
+    plus `neighbour_counts` (sequences with 0, 1, ... neighbours), popped by the index writer."""
+    files, entry = token_shards.encode_shard(shard, sequences, rows, np.dtype(dtype), webdataset)
+    for name, data in files.items():
+        storage.write_bytes(storage.join(tokens_dir, name), data)
+    counts: dict[str, int] = {}
+    for row in rows:
+        n = str(len(row["asset_ids"]) - 1)
+        counts[n] = counts.get(n, 0) + 1
+    return {**entry, "neighbour_counts": counts}
+
+
+def write_tokens_index(tokens_dir: str, entries: list[dict[str, Any]], num_shards: int, dtype: str,
+                       webdataset: bool, extra: dict[str, Any]) -> dict[str, Any]:
+    """Fill shard numbers that got no sequence with empty shards (so `tokens-000000..N-1` is
+    dense), then write `index.json` with the totals and the neighbour histogram."""
+    have = {e["shard"] for e in entries}
+    entries = list(entries) + [write_token_shard(tokens_dir, i, [], [], dtype, webdataset)
+                               for i in range(num_shards) if i not in have]
+    histogram: dict[str, int] = {}
+    for e in entries:
+        for n, c in e.pop("neighbour_counts").items():
+            histogram[n] = histogram.get(n, 0) + c
+    data = token_shards.tokens_index(entries, dtype=dtype, sequences_with_neighbours=dict(sorted(histogram.items())),
+                                     **extra)
+    storage.write_bytes(storage.join(tokens_dir, token_shards.INDEX_FILE), data)
+    import json
+
+    return json.loads(data)
+
+
+def _write_too_long(items: list[tuple[str, str, str]], url: str) -> None:
+    import json
+
+    lines = [json.dumps({"key": k, "asset_id": a, "detail": d}, sort_keys=True) for k, a, d in sorted(items)]
+    storage.write_bytes(url, ("\n".join(lines) + "\n" if lines else "").encode())
+
+
+class WriteTokenShards(beam.PTransform):
+    """Curated metadata rows, code rows and neighbour rows -> `tokens/` (shards, provenance,
+    index.json) and a JSONL of documents too long to fit (`too_long_url`), for the ledger."""
+
+    def __init__(self, cfg: TokensConfig, vocab_url: str, tokens_dir: str, too_long_url: str, seed: int,
+                 num_shards: int, dtype: str, index_extra: dict[str, Any]):
+        super().__init__()
+        self.cfg, self.vocab_url, self.tokens_dir, self.too_long_url = cfg, vocab_url, tokens_dir, too_long_url
+        self.seed, self.num_shards, self.dtype, self.index_extra = seed, num_shards, dtype, index_extra
+
+    def expand(self, inputs: dict[str, beam.PCollection]):
+        cfg, k = self.cfg, self.cfg.k
+        meta = inputs["meta"] | "KeyMeta" >> beam.Map(lambda r: (r["key"], r))
+        codes = inputs["codes"] | "KeyCodes" >> beam.Map(lambda r: (r["key"], r))
+        docs = (
+            {"meta": meta, "codes": codes}
+            | "JoinCodes" >> beam.CoGroupByKey()
+            | "MakeDocuments" >> beam.ParDo(_MakeDocuments(self.vocab_url, self.seed))
+        )
+        requests = inputs["neighbours"] | "Requests" >> beam.FlatMap(_requests, k)
+        neighbour_docs = (
+            {"doc": docs, "req": requests}
+            | "JoinNeighbours" >> beam.CoGroupByKey()
+            | "SendNeighbours" >> beam.ParDo(_SendNeighbour())
+        )
+        assembled = (
+            {"main": docs, "neighbours": neighbour_docs}
+            | "JoinSequences" >> beam.CoGroupByKey()
+            | "Assemble" >> beam.ParDo(_AssembleSequences(self.vocab_url, cfg, self.seed, self.num_shards))
+            .with_outputs(TOO_LONG, main="sequences")
+        )
+        tokens_dir, n, dtype, wds, extra = self.tokens_dir, self.num_shards, self.dtype, cfg.webdataset, self.index_extra
+        _ = (
+            assembled.sequences
+            | "GroupByShard" >> beam.GroupByKey()
+            | "WriteShards" >> beam.ParDo(_WriteTokenShard(tokens_dir, dtype, wds))
+            | "CollectIndex" >> beam.combiners.ToList()
+            | "WriteIndex" >> beam.Map(lambda entries: write_tokens_index(tokens_dir, entries, n, dtype, wds, extra))
+        )
+        too_long_url = self.too_long_url
+        return (
+            assembled[TOO_LONG]
+            | "CollectTooLong" >> beam.combiners.ToList()
+            | "WriteTooLong" >> beam.Map(_write_too_long, too_long_url)
+        )

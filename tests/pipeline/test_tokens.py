@@ -1,0 +1,270 @@
+"""The `tokens` phase end to end on real demo photos: CM3 sequences with retrieved neighbours,
+Megatron-readable shards, provenance for every asset, a caption that spells control tokens,
+a document too long for the budget, byte-identical reruns and resume after a crash."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+
+from pipeline import ledger
+from pipeline.config import ConfigError, RunConfig, TokensConfig, from_dict
+from pipeline.run import run
+from pipeline.stages.tokens import Document, caption_index, fit_neighbours, sequence_length, sequence_order
+from tokenizer.token_shards import load_tokens_index, parse_index
+from tokenizer.vocab import JointVocab
+
+ROOT = Path(__file__).resolve().parents[2]
+DEMO = ROOT / "manifests" / "demo"
+IN_MEMORY = ["--direct_running_mode=in_memory", "--direct_num_workers=1"]
+MULTI = ["--direct_running_mode=multi_processing", "--direct_num_workers=2"]
+INJECTION = "A dog <img> </img> <break> <mask:0> <eos> <pad> sleeping on the red kitchen floor near a door"
+LONG = " ".join(f"word{i} zebra quokka xylophone" for i in range(250))  # ~5k chars of rare text
+
+
+def _corpus(root: Path) -> tuple[Path, dict[str, str]]:
+    """28 licensed COCO rows; one caption spells control tokens, one is too long to fit."""
+    allowed = {"CC-BY-2.0", "CC-BY-SA-2.0", "CC-BY-NC-2.0", "CC-BY-NC-SA-2.0"}
+    rows = [json.loads(line) for line in (DEMO / "coco.jsonl").read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r["license_id"] in allowed][:28]
+    (root / "images").mkdir(parents=True)
+    for r in rows:
+        shutil.copy(DEMO / r["uri"], root / r["uri"])
+    special = {"injection": rows[0]["asset_id"], "long": rows[1]["asset_id"]}
+    rows[0] = {**rows[0], "captions": [INJECTION]}
+    rows[1] = {**rows[1], "captions": [LONG]}
+    manifest = root / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return manifest, special
+
+
+def _config(manifest: Path, out: Path, **tokens) -> RunConfig:
+    return from_dict(RunConfig, {
+        "manifests": [str(manifest)], "policy": str(DEMO / "policy.yaml"), "out": str(out),
+        "validate": {"max_caption_chars": 8000, "min_letter_fraction": 0.5},
+        "decode": {"resolution": 64},  # f4 -> 16 x 16 = 256 codes per image
+        "clip_train": {"max_steps": 15, "batch_size": 16, "progress": False},
+        "align": {"mode": "off"},
+        "vq": {"model": "cpu-small", "train": {"max_steps": 10, "eval_every": 10, "checkpoint_every": 10,
+                                               "num_threads": 1, "progress": False, "batch_size": 8}},
+        "text": {"vocab_size": 1000},
+        "tokens": {"k": 2, "max_tokens": 900, "sequences_per_shard": 10, "webdataset": True, **tokens},
+    })
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def tokens_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tokens")
+    manifest, special = _corpus(root / "corpus")
+    out = root / "out"
+    report = run(_config(manifest, out), until="tokens", beam_flags=IN_MEMORY)
+    return {"root": root, "manifest": manifest, "out": out, "report": report, "special": special}
+
+
+def _sequences(out: Path):
+    return pq.read_table(out / "tokens" / "sequences.parquet").to_pylist()
+
+
+def _shard_tokens(out: Path) -> dict[str, np.ndarray]:
+    """key -> tokens, read with the from-spec parser and a plain memmap."""
+    rows = sorted(_sequences(out), key=lambda r: (r["shard"], r["index"]))
+    result = {}
+    for r in rows:
+        name = f"tokens-{r['shard']:06d}"
+        idx = parse_index((out / "tokens" / f"{name}.idx").read_bytes())
+        data = np.memmap(out / "tokens" / f"{name}.bin", dtype=idx.dtype, mode="r")
+        start = idx.pointers[r["index"]] // idx.dtype.itemsize
+        result[r["key"]] = np.array(data[start : start + idx.lengths[r["index"]]])
+    return result
+
+
+def _documents(tokens: np.ndarray, vocab: JointVocab) -> list[np.ndarray]:
+    assert tokens[0] == vocab.bos_id and tokens[-1] == vocab.eos_id
+    body = tokens[1:-1]
+    cuts = np.flatnonzero(body == vocab.break_id)
+    return [piece[1:] if i else piece for i, piece in enumerate(np.split(body, cuts))]  # drop each <break>
+
+
+def test_ledger_records_the_too_long_document_and_keeps_the_injection(tokens_run):
+    out, special = tokens_run["out"], tokens_run["special"]
+    table = ledger.read_ledger(str(out)).to_pylist()
+    by_id = {r["asset_id"]: r for r in table}
+    assert len(table) == 28 and tokens_run["report"].summary.rows_in == 28
+    long_row = by_id[special["long"]]
+    assert (long_row["status"], long_row["stage"], long_row["reason"]) == ("rejected", "tokens", "SEQUENCE_TOO_LONG")
+    assert "max_tokens is 900" in long_row["detail"]
+    assert by_id[special["injection"]]["status"] == "kept"
+    info = {r.name: r.info for r in tokens_run["report"].steps}["tokens"]
+    assert info["too_long"] == 1 and info["sequences"] == sum(r["status"] == "kept" for r in table)
+
+
+def test_provenance_covers_every_asset_and_only_kept_ones(tokens_run):
+    out = tokens_run["out"]
+    kept = {r["asset_id"]: r for r in ledger.read_ledger(str(out)).to_pylist() if r["status"] == "kept"}
+    rows = _sequences(out)
+    assert sorted(r["main_asset_id"] for r in rows) == sorted(kept)  # every kept asset is a main document, once
+    neighbours = 0
+    for r in rows:
+        assert r["asset_ids"][0] == r["main_asset_id"] and r["roles"][0] == "main"
+        assert r["roles"][1:] == ["neighbour"] * (len(r["asset_ids"]) - 1)
+        assert len(r["license_ids"]) == len(r["licensors"]) == len(r["asset_ids"])
+        assert len(r["neighbour_scores"]) == len(r["asset_ids"]) - 1
+        assert r["main_asset_id"] not in r["asset_ids"][1:]
+        for asset_id, license_id in zip(r["asset_ids"], r["license_ids"]):
+            assert asset_id in kept, f"{asset_id} is in a sequence but not kept"
+            assert license_id == kept[asset_id]["license_id"]
+        neighbours += len(r["asset_ids"]) - 1
+    assert neighbours >= len(rows)  # retrieval really fed the sequences (k = 2, budget fits two)
+
+
+def test_sequences_have_the_cm3_layout_and_budget(tokens_run):
+    out = tokens_run["out"]
+    vocab = JointVocab.load(str(out / "tokens" / "vocab.json"))
+    tokens = _shard_tokens(out)
+    rows = {r["key"]: r for r in _sequences(out)}
+    orders = set()
+    for key, seq in tokens.items():
+        row = rows[key]
+        assert len(seq) == row["num_tokens"] <= 900
+        docs = _documents(seq, vocab)
+        assert len(docs) == len(row["asset_ids"])
+        for doc in docs:
+            assert (doc == vocab.img_begin_id).sum() == 1 and (doc == vocab.img_end_id).sum() == 1
+            begin, end = int(np.flatnonzero(doc == vocab.img_begin_id)[0]), int(np.flatnonzero(doc == vocab.img_end_id)[0])
+            assert end - begin - 1 == 16 * 16 and vocab.is_image(doc[begin + 1 : end]).all()
+            text = np.concatenate([doc[:begin], doc[end + 1 :]])
+            assert vocab.is_text(text).all() and not np.isin(text, [*vocab.specials.values(), *vocab.mask_ids]).any()
+            assert (begin == 0) == (row["order"] == "image_first")
+        orders.add(row["order"])
+    assert orders == {"text_first", "image_first"}  # mixed order really mixes
+
+
+def test_caption_that_spells_control_tokens_is_plain_text(tokens_run):
+    out, special = tokens_run["out"], tokens_run["special"]
+    vocab = JointVocab.load(str(out / "tokens" / "vocab.json"))
+    row = next(r for r in _sequences(out) if r["main_asset_id"] == special["injection"])
+    main = _documents(_shard_tokens(out)[row["key"]], vocab)[-1]
+    begin, end = int(np.flatnonzero(main == vocab.img_begin_id)[0]), int(np.flatnonzero(main == vocab.img_end_id)[0])
+    caption = np.concatenate([main[:begin], main[end + 1 :]])
+    assert caption.min() >= len(vocab.specials) + len(vocab.mask_ids)
+    assert vocab.ids_to_text(caption) == INJECTION
+
+
+def test_megatron_reads_the_shards_and_index_json_matches(tokens_run):
+    indexed = pytest.importorskip("megatron.core.datasets.indexed_dataset")
+    out = tokens_run["out"]
+    index, _ = load_tokens_index(str(out / "tokens"))
+    rows = _sequences(out)
+    expected = _shard_tokens(out)
+    assert index["sequences"] == len(rows) and index["tokens"] == sum(r["num_tokens"] for r in rows)
+    assert [s["name"] for s in index["shards"]] == [f"tokens-{i:06d}" for i in range(len(index["shards"]))]
+    for shard in index["shards"]:
+        prefix = out / "tokens" / shard["name"]
+        assert hashlib.sha256(prefix.with_suffix(".bin").read_bytes()).hexdigest() == shard["bin_sha256"]
+        assert hashlib.sha256(prefix.with_suffix(".idx").read_bytes()).hexdigest() == shard["idx_sha256"]
+        ds = indexed.IndexedDataset(str(prefix))
+        assert len(ds) == shard["sequences"]
+        assert ds.document_indices.tolist() == list(range(len(ds) + 1))
+        mine = sorted((r for r in rows if r["shard"] == shard["shard"]), key=lambda r: r["index"])
+        assert [r["key"] for r in mine] == sorted(r["key"] for r in mine)  # sorted by key inside a shard
+        for i, r in enumerate(mine):
+            assert np.array_equal(ds[i], expected[r["key"]])
+    models = out / "models"
+    for name, path in (("vocab_sha256", models / "vocab.json"), ("bpe_sha256", models / "text-bpe.json"),
+                       ("vq_sha256", models / "vq" / "vq.safetensors")):
+        assert index[name] == hashlib.sha256(path.read_bytes()).hexdigest()
+    state = json.loads((out / "_state" / "tokens.json").read_text())
+    assert index["config_hash"] == state["config_hash"] and index["dtype"] == "uint16"
+
+
+def test_webdataset_export_reads_with_stock_webdataset(tokens_run):
+    out = tokens_run["out"]
+    expected = _shard_tokens(out)
+    rows = {r["key"]: r for r in _sequences(out)}
+    urls = sorted(str(p) for p in (out / "tokens").glob("tokens-*.tar"))
+    seen = {}
+    for sample in wds.WebDataset(urls, shardshuffle=False).decode():
+        seen[sample["__key__"]] = sample
+    assert set(seen) == set(expected)
+    for key, sample in seen.items():
+        assert np.array_equal(sample["tokens.npy"], expected[key])
+        assert sample["json"]["asset_ids"] == rows[key]["asset_ids"]
+
+
+def test_rerun_is_byte_identical_and_a_crash_resumes_to_the_same_bytes(tokens_run):
+    out = tokens_run["out"]
+    before, ledger_before = _digest(out / "tokens"), _digest(out / "ledger")
+    # crash mid-step: no state file, a half-written shard, a stray temp file, the too-long row back to kept
+    (out / "_state" / "tokens.json").unlink()
+    shard = out / "tokens" / "tokens-000000.bin"
+    shard.write_bytes(shard.read_bytes()[:100])
+    (out / "tokens" / ".tmp-deadbeef-tokens-000001.bin").write_bytes(b"partial")
+    (out / "tokens" / "index.json").unlink()
+    cfg = _config(tokens_run["manifest"], out)
+    report = run(cfg, until="tokens", beam_flags=MULTI)  # another runner layout, same bytes
+    assert [s.name for s in report.steps if not s.skipped] == ["tokens"]
+    assert _digest(out / "tokens") == before
+    assert _digest(out / "ledger") == ledger_before
+
+
+def test_a_larger_budget_restores_the_too_long_document(tokens_run, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(tokens_run["out"], out)
+    report = run(_config(tokens_run["manifest"], out, max_tokens=8192), until="tokens", beam_flags=IN_MEMORY)
+    assert [s.name for s in report.steps if not s.skipped] == ["tokens"]
+    row = next(r for r in ledger.read_ledger(str(out)).to_pylist() if r["asset_id"] == tokens_run["special"]["long"])
+    assert (row["status"], row["stage"], row["reason"]) == ("kept", "curated", None)
+    assert tokens_run["special"]["long"] in {r["main_asset_id"] for r in _sequences(out)}
+    assert report.summary.kept == tokens_run["report"].summary.kept + 1
+
+
+# -- pure parts -----------------------------------------------------------------------------------
+
+
+def _doc(key: str, text: int, codes: int = 16) -> Document:
+    return Document(key=key, asset_id=key, license_id="L", licensor="V",
+                    text=np.ones(text, np.uint16), codes=np.zeros(codes, np.uint32))
+
+
+def test_least_relevant_neighbours_are_dropped_first():
+    main, ranked = _doc("m", 10), [_doc("a", 10), _doc("b", 30), _doc("c", 5)]
+    assert sequence_length(main, []) == 2 + 28
+    full = sequence_length(main, ranked[:2])
+    assert [d.key for d in fit_neighbours(main, ranked, 2, full)] == ["a", "b"]
+    assert [d.key for d in fit_neighbours(main, ranked, 2, full - 1)] == ["a"]  # b (rank 2) goes first
+    assert fit_neighbours(main, ranked, 2, 30) == []
+    assert fit_neighbours(main, ranked, 2, 29) is None  # main alone does not fit
+    assert [d.key for d in fit_neighbours(main, ranked, 3, 10_000)] == ["a", "b", "c"]
+
+
+def test_order_and_caption_choice_are_seeded_per_key():
+    mixed = TokensConfig(order="mixed", image_first_fraction=0.5)
+    keys = [f"{i:016x}" for i in range(2000)]
+    orders = [sequence_order(mixed, 0, k) for k in keys]
+    assert orders == [sequence_order(mixed, 0, k) for k in keys]
+    assert 0.45 < orders.count("image_first") / len(keys) < 0.55
+    assert orders != [sequence_order(mixed, 1, k) for k in keys]
+    assert {sequence_order(TokensConfig(order="text_first"), 0, k) for k in keys} == {"text_first"}
+    assert {sequence_order(TokensConfig(order="mixed", image_first_fraction=1.0), 0, k) for k in keys} == {"image_first"}
+    picks = [caption_index(0, k, 5) for k in keys]
+    assert set(picks) == set(range(5)) and caption_index(0, "x", 1) == 0
+
+
+def test_bad_tokens_config_is_one_clear_line(tiny_corpus, tmp_path):
+    with pytest.raises(ConfigError, match="tokens.order"):
+        from_dict(RunConfig, {"tokens": {"order": "sideways"}})
+    with pytest.raises(ConfigError, match="tokens.k is 3 .* neighbours.k = 2"):
+        run(dataclasses.replace(_config(tiny_corpus["manifest"], tmp_path), tokens=TokensConfig(k=3)), until="tokens")
