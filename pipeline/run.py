@@ -438,13 +438,14 @@ TOO_LONG = "_work/tokens-too-long.jsonl"
 
 
 def build_tokens_graph(p: beam.Pipeline, ctx: RunContext, num_shards: int, dtype: str, extra: dict[str, Any]) -> None:
-    from pipeline.stages.tokens import WriteTokenShards
+    from pipeline.stages.tokens import WriteTokenShards, read_codes
 
     curated, codes, index = ctx.path("curated"), ctx.path("codes"), ctx.path("index")
     inputs = {
         "meta": p | "ReadMetadata" >> beam.io.ReadFromParquet(
             storage.join(curated, "metadata-*.parquet"), columns=["key", "asset_id", "captions", "license_id", "licensor"]),
-        "codes": p | "ReadCodes" >> beam.io.ReadFromParquet(storage.join(codes, "codes-*.parquet"), columns=["key", "codes"]),
+        "codes": p | "CodeFiles" >> beam.Create(storage.list_files(codes, "codes-*.parquet"))
+        | "ReadCodes" >> beam.FlatMap(read_codes),
         "neighbours": p | "ReadNeighbours" >> beam.io.ReadFromParquet(storage.join(index, "neighbours-*.parquet")),
     }
     _ = inputs | "WriteTokenShards" >> WriteTokenShards(

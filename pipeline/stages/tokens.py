@@ -2,9 +2,11 @@
 
 For every curated document that has VQ codes, the `tokens` step builds one sequence
 `[bos] n1 <break> ... nk <break> main [eos]` (layout: tokenizer/cm3.py; files:
-tokenizer/token_shards.py, docs/shards.md). The graph is two joins, so no worker holds the
-corpus: documents (curated metadata ⋈ codes, by key), then each document is sent to the
-sequences that retrieved it (⋈ neighbour table, by neighbour key), then main ⋈ its neighbours.
+tokenizer/token_shards.py, docs/shards.md). The graph is one join and one group, so no worker
+holds more than one shard's documents: curated metadata, codes and the neighbour requests are
+joined by document key; each document is routed to its own sequence's shard and to the shard of
+every sequence that retrieved it; each shard assembles and writes its sequences. Codes cross the
+shuffles as numpy arrays, and assembled sequences never do.
 A sequence over `tokens.max_tokens` drops its least relevant neighbours first; a document that
 does not fit alone is rejected (`SEQUENCE_TOO_LONG`) and the step records it in the ledger.
 Shards are assigned by a stable hash of the key and sorted inside, so reruns are byte-identical.
@@ -72,7 +74,7 @@ def make_document(vocab, meta: dict[str, Any], codes: np.ndarray, seed: int) -> 
     caption = captions[caption_index(seed, meta["key"], len(captions))] if captions else ""
     return Document(key=meta["key"], asset_id=meta["asset_id"], license_id=meta.get("license_id"),
                     licensor=meta.get("licensor"), text=vocab.text_to_ids(caption),
-                    codes=np.asarray(codes, dtype=np.uint32).reshape(-1))
+                    codes=np.asarray(codes).reshape(-1))
 
 
 def sequence_length(main: Document, neighbours: Sequence[Document]) -> int:
@@ -128,29 +130,21 @@ class _Vocab:
         return self.vocab
 
 
-class _MakeDocuments(beam.DoFn):
-    """(key, {meta: [row], codes: [row]}) -> (key, Document); a key without codes was rejected
-    by the encode step already and is only counted."""
+def read_codes(url: str) -> Iterator[tuple[str, np.ndarray]]:
+    """(key, flat codes) from one `codes-NNNNNN.parquet`, as numpy arrays: Beam's Parquet source
+    would hand out a Python list of ints per image, which costs more to shuffle than the rest
+    of the step together (measured in benchmarks/tokens.py)."""
+    import fsspec
+    import pyarrow.parquet as pq
 
-    def __init__(self, vocab_url: str, seed: int):
-        super().__init__()
-        self._vocab = _Vocab(vocab_url)
-        self.seed = seed
-
-    def setup(self) -> None:
-        self.vocab = self._vocab.load()
-        self.no_codes = Metrics.counter(STAGE, "documents_without_codes")
-        self.documents = Metrics.counter(STAGE, "documents")
-
-    def process(self, item: tuple[str, dict[str, list]]) -> Iterator[tuple[str, Document]]:
-        key, groups = item
-        if not groups["meta"]:
-            return
-        if not groups["codes"]:
-            self.no_codes.inc()
-            return
-        self.documents.inc()
-        yield key, make_document(self.vocab, groups["meta"][0], groups["codes"][0]["codes"], self.seed)
+    with fsspec.open(url, "rb") as handle:
+        table = pq.read_table(handle, columns=["key", "codes"])
+    keys = table.column("key").to_pylist()
+    codes = table.column("codes").combine_chunks()
+    values = codes.values.to_numpy()
+    offsets = codes.offsets.to_numpy()
+    for i, key in enumerate(keys):
+        yield key, values[offsets[i] : offsets[i + 1]].copy()
 
 
 def _requests(row: dict[str, Any], k: int) -> Iterator[tuple[str, tuple[str, int, float]]]:
@@ -161,29 +155,47 @@ def _requests(row: dict[str, Any], k: int) -> Iterator[tuple[str, tuple[str, int
         yield nkey, (row["key"], rank, float(score))
 
 
-class _SendNeighbour(beam.DoFn):
-    """(neighbour key, {doc, req}) -> (main key, (rank, score, Document)) for every request."""
+class _RouteDocuments(beam.DoFn):
+    """(key, {meta, codes, req}) -> the document to its own sequence's shard and, once per
+    request, to the shard of each sequence that retrieved it: (shard, (main key, rank, score,
+    doc)), rank -1 marking the main document. A key without codes was rejected by the encode
+    step already and is only counted; so are requests for it."""
+
+    def __init__(self, vocab_url: str, seed: int, num_shards: int):
+        super().__init__()
+        self._vocab = _Vocab(vocab_url)
+        self.seed, self.num_shards = seed, num_shards
 
     def setup(self) -> None:
+        self.vocab = self._vocab.load()
+        self.documents = Metrics.counter(STAGE, "documents")
+        self.no_codes = Metrics.counter(STAGE, "documents_without_codes")
         self.missing = Metrics.counter(STAGE, "neighbours_without_document")
 
-    def process(self, item: tuple[str, dict[str, list]]) -> Iterator[tuple[str, tuple[int, float, Document]]]:
-        _, groups = item
-        doc = groups["doc"][0] if groups["doc"] else None
+    def process(self, item: tuple[str, dict[str, list]]) -> Iterator[tuple[int, tuple[str, int, float, Document]]]:
+        key, groups = item
+        doc = None
+        if groups["meta"] and groups["codes"]:
+            doc = make_document(self.vocab, groups["meta"][0], groups["codes"][0], self.seed)
+            self.documents.inc()
+            yield storage.stable_bucket(key, self.num_shards), (key, -1, 0.0, doc)
+        elif groups["meta"]:
+            self.no_codes.inc()
         for main_key, rank, score in groups["req"]:
             if doc is None:  # its image was rejected after the index was built (e.g. encode)
                 self.missing.inc()
                 continue
-            yield main_key, (rank, score, doc)
+            yield storage.stable_bucket(main_key, self.num_shards), (main_key, rank, score, doc)
 
 
-class _AssembleSequences(beam.DoFn):
-    """(main key, {main, neighbours}) -> (shard, (key, tokens, provenance)) or TOO_LONG."""
+class _WriteTokenShard(beam.DoFn):
+    """(shard, [(main key, rank, score, doc)]) -> the shard's sequences, sorted by key, written;
+    emits the index entry, and documents too long to fit on the TOO_LONG output."""
 
-    def __init__(self, vocab_url: str, cfg: TokensConfig, seed: int, num_shards: int):
+    def __init__(self, vocab_url: str, cfg: TokensConfig, seed: int, tokens_dir: str, dtype: str):
         super().__init__()
         self._vocab = _Vocab(vocab_url)
-        self.cfg, self.seed, self.num_shards = cfg, seed, num_shards
+        self.cfg, self.seed, self.tokens_dir, self.dtype = cfg, seed, tokens_dir, dtype
 
     def setup(self) -> None:
         self.vocab = self._vocab.load()
@@ -192,39 +204,33 @@ class _AssembleSequences(beam.DoFn):
         self.too_long = Metrics.counter(STAGE, "rejected/SEQUENCE_TOO_LONG")
         self.dropped = Metrics.counter(STAGE, "neighbours_dropped_for_budget")
 
-    def process(self, item: tuple[str, dict[str, list]]):
-        key, groups = item
-        if not groups["main"]:
-            return
-        main: Document = groups["main"][0]
-        self.seen.inc()
-        ranked = sorted(groups["neighbours"], key=lambda n: n[0])
-        docs = [d for _, _, d in ranked]
-        chosen = fit_neighbours(main, docs, self.cfg.k, self.cfg.max_tokens)
-        if chosen is None:
-            self.too_long.inc()
-            detail = (f"document alone is {sequence_length(main, [])} tokens (caption {len(main.text)}, "
-                      f"image {len(main.codes)}), tokens.max_tokens is {self.cfg.max_tokens}")
-            yield beam.pvalue.TaggedOutput(TOO_LONG, (key, main.asset_id, detail))
-            return
-        self.dropped.inc(min(len(docs), self.cfg.k) - len(chosen))
-        self.kept.inc()
-        order = sequence_order(self.cfg, self.seed, key)
-        tokens = assemble(self.vocab, main, chosen, order)
-        row = provenance_row(main, chosen, [s for _, s, _ in ranked[: len(chosen)]], order)
-        yield storage.stable_bucket(key, self.num_shards), (key, tokens, row)
-
-
-class _WriteTokenShard(beam.DoFn):
-    def __init__(self, tokens_dir: str, dtype: str, webdataset: bool):
-        super().__init__()
-        self.tokens_dir, self.dtype, self.webdataset = tokens_dir, dtype, webdataset
-
-    def process(self, item: tuple[int, Iterable[tuple[str, np.ndarray, dict[str, Any]]]]) -> Iterator[dict[str, Any]]:
-        shard, items = item
-        items = sorted(items, key=lambda t: t[0])
-        yield write_token_shard(self.tokens_dir, shard, [t[1] for t in items], [t[2] for t in items],
-                                self.dtype, self.webdataset)
+    def process(self, item: tuple[int, Iterable[tuple[str, int, float, Document]]]):
+        shard, parts = item
+        mains: dict[str, Document] = {}
+        ranked: dict[str, list[tuple[int, float, Document]]] = {}
+        for key, rank, score, doc in parts:
+            if rank < 0:
+                mains[key] = doc
+            else:
+                ranked.setdefault(key, []).append((rank, score, doc))
+        sequences, rows = [], []
+        for key in sorted(mains):
+            main = mains[key]
+            self.seen.inc()
+            candidates = sorted(ranked.get(key, []), key=lambda n: n[0])
+            chosen = fit_neighbours(main, [d for _, _, d in candidates], self.cfg.k, self.cfg.max_tokens)
+            if chosen is None:
+                self.too_long.inc()
+                detail = (f"document alone is {sequence_length(main, [])} tokens (caption {len(main.text)}, "
+                          f"image {len(main.codes)}), tokens.max_tokens is {self.cfg.max_tokens}")
+                yield beam.pvalue.TaggedOutput(TOO_LONG, (key, main.asset_id, detail))
+                continue
+            self.dropped.inc(min(len(candidates), self.cfg.k) - len(chosen))
+            self.kept.inc()
+            order = sequence_order(self.cfg, self.seed, key)
+            sequences.append(assemble(self.vocab, main, chosen, order))
+            rows.append(provenance_row(main, chosen, [s for _, s, _ in candidates[: len(chosen)]], order))
+        yield write_token_shard(self.tokens_dir, shard, sequences, rows, self.dtype, self.cfg.webdataset)
 
 
 def write_token_shard(tokens_dir: str, shard: int, sequences: Sequence[np.ndarray], rows: Sequence[dict[str, Any]],
@@ -268,7 +274,7 @@ def _write_too_long(items: list[tuple[str, str, str]], url: str) -> None:
 
 
 class WriteTokenShards(beam.PTransform):
-    """Curated metadata rows, code rows and neighbour rows -> `tokens/` (shards, provenance,
+    """Curated metadata rows, (key, codes) pairs and neighbour rows -> `tokens/` (shards, provenance,
     index.json) and a JSONL of documents too long to fit (`too_long_url`), for the ledger."""
 
     def __init__(self, cfg: TokensConfig, vocab_url: str, tokens_dir: str, too_long_url: str, seed: int,
@@ -280,35 +286,25 @@ class WriteTokenShards(beam.PTransform):
     def expand(self, inputs: dict[str, beam.PCollection]):
         cfg, k = self.cfg, self.cfg.k
         meta = inputs["meta"] | "KeyMeta" >> beam.Map(lambda r: (r["key"], r))
-        codes = inputs["codes"] | "KeyCodes" >> beam.Map(lambda r: (r["key"], r))
-        docs = (
-            {"meta": meta, "codes": codes}
-            | "JoinCodes" >> beam.CoGroupByKey()
-            | "MakeDocuments" >> beam.ParDo(_MakeDocuments(self.vocab_url, self.seed))
-        )
+        codes = inputs["codes"]  # (key, flat codes ndarray), see read_codes
         requests = inputs["neighbours"] | "Requests" >> beam.FlatMap(_requests, k)
-        neighbour_docs = (
-            {"doc": docs, "req": requests}
-            | "JoinNeighbours" >> beam.CoGroupByKey()
-            | "SendNeighbours" >> beam.ParDo(_SendNeighbour())
-        )
-        assembled = (
-            {"main": docs, "neighbours": neighbour_docs}
-            | "JoinSequences" >> beam.CoGroupByKey()
-            | "Assemble" >> beam.ParDo(_AssembleSequences(self.vocab_url, cfg, self.seed, self.num_shards))
-            .with_outputs(TOO_LONG, main="sequences")
-        )
         tokens_dir, n, dtype, wds, extra = self.tokens_dir, self.num_shards, self.dtype, cfg.webdataset, self.index_extra
-        _ = (
-            assembled.sequences
+        written = (
+            {"meta": meta, "codes": codes, "req": requests}
+            | "JoinByDocument" >> beam.CoGroupByKey()
+            | "RouteDocuments" >> beam.ParDo(_RouteDocuments(self.vocab_url, self.seed, n))
             | "GroupByShard" >> beam.GroupByKey()
-            | "WriteShards" >> beam.ParDo(_WriteTokenShard(tokens_dir, dtype, wds))
+            | "WriteShards" >> beam.ParDo(_WriteTokenShard(self.vocab_url, cfg, self.seed, tokens_dir, dtype))
+            .with_outputs(TOO_LONG, main="entries")
+        )
+        _ = (
+            written.entries
             | "CollectIndex" >> beam.combiners.ToList()
             | "WriteIndex" >> beam.Map(lambda entries: write_tokens_index(tokens_dir, entries, n, dtype, wds, extra))
         )
         too_long_url = self.too_long_url
         return (
-            assembled[TOO_LONG]
+            written[TOO_LONG]
             | "CollectTooLong" >> beam.combiners.ToList()
             | "WriteTooLong" >> beam.Map(_write_too_long, too_long_url)
         )
