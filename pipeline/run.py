@@ -458,6 +458,7 @@ def step_tokens(ctx: RunContext):
     rejected in the ledger (stage tokens, SEQUENCE_TOO_LONG)."""
     import math
 
+    from tokenizer import token_shards
     from tokenizer.vocab import JointVocab
 
     cfg = ctx.cfg.tokens
@@ -477,7 +478,8 @@ def step_tokens(ctx: RunContext):
         "layout": "[bos] neighbour_1 <break> ... neighbour_k <break> main [eos]",
         "k": cfg.k, "max_tokens": cfg.max_tokens, "order": cfg.order, "seed": ctx.cfg.seed,
     }
-    counters = run_beam(lambda p: build_tokens_graph(p, ctx, num_shards, vocab.dtype.name, extra), ctx.options)
+    dtype = token_shards.shard_dtype(vocab.size).name
+    counters = run_beam(lambda p: build_tokens_graph(p, ctx, num_shards, dtype, extra), ctx.options)
     too_long = {}
     import fsspec
 
@@ -489,6 +491,9 @@ def step_tokens(ctx: RunContext):
     _update_ledger(ctx.out, "tokens", reject=too_long)
     storage.remove_tree(ctx.path(TOO_LONG))
     index = storage.read_json(storage.join(tokens, "index.json"))
+    kept = sum(1 for status in ledger.read_ledger(ctx.out).column("status").to_pylist() if status == "kept")
+    if index["sequences"] != kept:  # every kept asset is the main document of exactly one sequence
+        raise RuntimeError(f"tokens: {index['sequences']} sequences for {kept} kept assets in the ledger")
     return counters, {"shards": len(index["shards"]), "sequences": index["sequences"], "tokens": index["tokens"],
                       "too_long": len(too_long), "restored": restored, "dtype": index["dtype"],
                       "sequences_with_neighbours": index["sequences_with_neighbours"]}

@@ -33,6 +33,16 @@ SEQUENCES_DIR = "sequences.parquet"  # a Parquet folder: part-NNNNNN.parquet, on
 INDEX_FILE = "index.json"
 
 
+def shard_dtype(vocab_size: int) -> np.dtype:
+    """The on-disk token dtype: uint16 (Megatron code 8) while every id fits, else int32 (code 4);
+    Megatron has no unsigned 32-bit code, and 2**31 ids is beyond any vocabulary."""
+    if vocab_size <= 1 << 16:
+        return np.dtype(np.uint16)
+    if vocab_size <= 1 << 31:
+        return np.dtype(np.int32)
+    raise ValueError(f"{vocab_size} ids do not fit a Megatron token dtype")
+
+
 def shard_name(index: int) -> str:
     return f"tokens-{index:06d}"
 

@@ -1,1 +1,6 @@
-"""Shard reader and reference CM3 trainer (phase F consumers); not built yet: see docs/outputs.md."""
+"""Consumers of the token shards (phase F): `trainer.data` is the reader (deterministic shuffle,
+ranks and workers, exact mid-epoch resume, CM3 masking, packing, provenance; see docs/shards.md).
+
+Plain PyTorch / numpy / fsspec: nothing here imports Apache Beam, so a training team can use it
+without the pipeline. Nothing heavy runs at import time.
+"""

@@ -230,7 +230,8 @@ class _WriteTokenShard(beam.DoFn):
             order = sequence_order(self.cfg, self.seed, key)
             sequences.append(assemble(self.vocab, main, chosen, order))
             rows.append(provenance_row(main, chosen, [s for _, s, _ in candidates[: len(chosen)]], order))
-        yield write_token_shard(self.tokens_dir, shard, sequences, rows, self.dtype, self.cfg.webdataset)
+        if sequences:
+            yield write_token_shard(self.tokens_dir, shard, sequences, rows, self.dtype, self.cfg.webdataset)
 
 
 def write_token_shard(tokens_dir: str, shard: int, sequences: Sequence[np.ndarray], rows: Sequence[dict[str, Any]],
@@ -247,13 +248,10 @@ def write_token_shard(tokens_dir: str, shard: int, sequences: Sequence[np.ndarra
     return {**entry, "neighbour_counts": counts}
 
 
-def write_tokens_index(tokens_dir: str, entries: list[dict[str, Any]], num_shards: int, dtype: str,
-                       webdataset: bool, extra: dict[str, Any]) -> dict[str, Any]:
-    """Fill shard numbers that got no sequence with empty shards (so `tokens-000000..N-1` is
-    dense), then write `index.json` with the totals and the neighbour histogram."""
-    have = {e["shard"] for e in entries}
-    entries = list(entries) + [write_token_shard(tokens_dir, i, [], [], dtype, webdataset)
-                               for i in range(num_shards) if i not in have]
+def write_tokens_index(tokens_dir: str, entries: list[dict[str, Any]], dtype: str, extra: dict[str, Any]) -> dict[str, Any]:
+    """`index.json` with every written shard, the totals and the neighbour histogram. A shard
+    number that got no sequence (possible when there are few) has no files: Megatron cannot
+    memory-map an empty `.bin`, so none is written."""
     histogram: dict[str, int] = {}
     for e in entries:
         for n, c in e.pop("neighbour_counts").items():
@@ -288,7 +286,7 @@ class WriteTokenShards(beam.PTransform):
         meta = inputs["meta"] | "KeyMeta" >> beam.Map(lambda r: (r["key"], r))
         codes = inputs["codes"]  # (key, flat codes ndarray), see read_codes
         requests = inputs["neighbours"] | "Requests" >> beam.FlatMap(_requests, k)
-        tokens_dir, n, dtype, wds, extra = self.tokens_dir, self.num_shards, self.dtype, cfg.webdataset, self.index_extra
+        tokens_dir, n, dtype, extra = self.tokens_dir, self.num_shards, self.dtype, self.index_extra
         written = (
             {"meta": meta, "codes": codes, "req": requests}
             | "JoinByDocument" >> beam.CoGroupByKey()
@@ -300,7 +298,7 @@ class WriteTokenShards(beam.PTransform):
         _ = (
             written.entries
             | "CollectIndex" >> beam.combiners.ToList()
-            | "WriteIndex" >> beam.Map(lambda entries: write_tokens_index(tokens_dir, entries, n, dtype, wds, extra))
+            | "WriteIndex" >> beam.Map(lambda entries: write_tokens_index(tokens_dir, entries, dtype, extra))
         )
         too_long_url = self.too_long_url
         return (

@@ -170,7 +170,9 @@ def test_megatron_reads_the_shards_and_index_json_matches(tokens_run):
     rows = _sequences(out)
     expected = _shard_tokens(out)
     assert index["sequences"] == len(rows) and index["tokens"] == sum(r["num_tokens"] for r in rows)
-    assert [s["name"] for s in index["shards"]] == [f"tokens-{i:06d}" for i in range(len(index["shards"]))]
+    assert [s["name"] for s in index["shards"]] == [f"tokens-{s['shard']:06d}" for s in index["shards"]]
+    assert all(s["sequences"] > 0 for s in index["shards"])  # no empty shard: Megatron cannot map an empty .bin
+    assert sorted(p.stem for p in (out / "tokens").glob("*.bin")) == [s["name"] for s in index["shards"]]
     for shard in index["shards"]:
         prefix = out / "tokens" / shard["name"]
         assert hashlib.sha256(prefix.with_suffix(".bin").read_bytes()).hexdigest() == shard["bin_sha256"]

@@ -79,3 +79,52 @@ def test_short_or_empty_sequences(vocab):
     one = np.array([vocab.bos_id, 42, vocab.eos_id], dtype=vocab.dtype)
     out = cm3_mask(one, vocab, 0, 0, "x", MaskConfig(poisson_lambda=8.0))
     assert out.tolist() == [vocab.bos_id, vocab.mask_ids[0], vocab.mask_ids[0], 42, vocab.eos_id]
+
+
+def _image_blocks(seq, vocab):
+    begins = np.flatnonzero(seq == vocab.img_begin_id)
+    ends = np.flatnonzero(seq == vocab.img_end_id)
+    assert len(begins) == len(ends)
+    return list(zip(begins.tolist(), ends.tolist()))  # inclusive [<img>, </img>]
+
+
+@pytest.mark.parametrize("image_first", [False, True])
+def test_spans_hold_a_whole_image_block_or_none_of_it(vocab, demo_captions, image_first):
+    whole = 0
+    for i in range(200):
+        rng = np.random.default_rng(i)
+        fmt = CM3Format(image_first=image_first)
+        captions = demo_captions[i % 50 : i % 50 + 3]
+        docs = [build_document(vocab, vocab.text_to_ids(c), rng.integers(0, 512, (4, 4)), fmt) for c in captions]
+        seq = build_sequence(vocab, docs[:-1], docs[-1], fmt)
+        for lam in (1.0, 6.0):
+            spans = choose_spans(seq, vocab, mask_rng(0, i, f"key{i}"), MaskConfig(poisson_lambda=lam))
+            for s, e in spans:
+                for b, end in _image_blocks(seq, vocab):
+                    inside = s <= b and end < e
+                    assert inside or e <= b or s > end, (s, e, b, end)  # never a part of a block
+                    whole += inside
+            assert np.array_equal(unmask(apply_mask(seq, spans, vocab), vocab), seq)
+    assert whole > 20  # images are masked too, as whole blocks
+
+
+def test_an_image_alone_between_breaks_is_masked_whole_or_not_at_all(vocab):
+    img = [vocab.img_begin_id, *(vocab.image_offset + np.arange(5)).tolist(), vocab.img_end_id]
+    seq = np.array([vocab.bos_id, *img, vocab.eos_id], dtype=vocab.dtype)
+    for key in range(20):
+        spans = choose_spans(seq, vocab, mask_rng(0, 0, str(key)), MaskConfig(poisson_lambda=5.0))
+        assert spans == [(1, 1 + len(img))]
+    # an unclosed <img> (malformed) is never cut into: spans stay before it
+    open_block = np.array([vocab.bos_id, 40, 41, vocab.img_begin_id, *img[1:-1], vocab.break_id, 42, vocab.eos_id])
+    for key in range(50):
+        for s, e in choose_spans(open_block, vocab, mask_rng(0, 0, str(key)), MaskConfig(poisson_lambda=5.0)):
+            assert e <= 3 or s >= 10
+
+
+def test_text_only_spans_are_unchanged_by_the_image_rule(vocab):
+    """Spans recorded before the image rule existed: shards masked at shard time stay identical."""
+    seq = np.array([vocab.bos_id, *range(30, 42), vocab.break_id, *range(50, 57), vocab.eos_id], dtype=vocab.dtype)
+    expected = {"a": [(2, 4), (5, 11)], "b": [(1, 2), (9, 10), (11, 13), (19, 20)],
+                "c": [(1, 2), (3, 4), (5, 8), (9, 10), (11, 12), (15, 19)]}
+    for key, spans in expected.items():
+        assert choose_spans(seq, vocab, mask_rng(0, 0, key), MaskConfig(poisson_lambda=3.0)) == spans
