@@ -28,6 +28,7 @@ bench: install
 	$(BIN)/python benchmarks/clip.py index
 	$(BIN)/python benchmarks/vq.py
 	$(BIN)/python benchmarks/reader.py
+	$(BIN)/python benchmarks/train.py
 
 clean:
 	rm -rf $(OUT) .pytest_cache

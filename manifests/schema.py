@@ -2,13 +2,20 @@
 
 Validation is pure: it never touches the network or files, so it can run anywhere
 (in a Beam worker, in a notebook, in a vendor's own pre-flight check).
+
+`objects` (optional) are labelled boxes for grounded tasks: `[{"label": str, "bbox":
+[x0, y0, x1, y1]}]` in source pixels of the image as displayed (EXIF orientation applied).
+A malformed list rejects the row (`BAD_FIELD_TYPE`, naming the object) rather than reaching
+a later stage; boxes partly or wholly outside the image are legal here (the crop decides).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -28,10 +35,13 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "sha256": ("sha256",),
     "width": ("width",),
     "height": ("height",),
+    "objects": ("objects",),
 }
 REQUIRED = ("asset_id", "uri", "license_id")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _LIST_SPLIT = re.compile(r"[;|]")
+MAX_OBJECTS = 256  # boxes per row; more is a delivery error, not an annotation
+MAX_LABEL_CHARS = 200
 
 
 class RowError(ValueError):
@@ -42,6 +52,18 @@ class RowError(ValueError):
         self.reason = reason
         self.detail = detail
         self.asset_id = asset_id
+
+
+@dataclass(frozen=True)
+class LabelledBox:
+    """One annotated object. `label` is text (data, never a control token); `bbox` is
+    (x0, y0, x1, y1) in source pixels, x0 < x1 and y0 < y1, numbers as the vendor gave them."""
+
+    label: str
+    bbox: tuple[float, float, float, float]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"label": self.label, "bbox": list(self.bbox)}
 
 
 @dataclass(frozen=True)
@@ -61,11 +83,13 @@ class ManifestEntry:
     sha256: str | None = None
     width: int | None = None
     height: int | None = None
+    objects: tuple[LabelledBox, ...] = ()
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        """Every manifest field, JSON-serialisable (dates as ISO strings)."""
-        return {
+        """Every manifest field, JSON-serialisable (dates as ISO strings). `objects` appears only
+        when the row has some, so rows without boxes serialise exactly as before the field existed."""
+        data = {
             "asset_id": self.asset_id,
             "uri": self.uri,
             "captions": list(self.captions),
@@ -81,6 +105,9 @@ class ManifestEntry:
             "height": self.height,
             "extra": dict(self.extra),
         }
+        if self.objects:
+            data["objects"] = [o.to_json() for o in self.objects]
+        return data
 
 
 def _pick(row: Mapping[str, Any], name: str) -> tuple[str | None, Any]:
@@ -161,6 +188,53 @@ def _dimension(name: str, value: Any, asset_id: str | None) -> int | None:
     return value
 
 
+def parse_objects(value: Any, asset_id: str | None = None) -> tuple[LabelledBox, ...]:
+    """`objects` from JSONL/Parquet (a list of mappings) or CSV (a JSON list in one cell);
+    raises `RowError` naming the bad object. Keys other than `label` and `bbox` are ignored."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise RowError("BAD_FIELD_TYPE", f"objects: not a JSON list ({exc.msg})", asset_id) from None
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if not isinstance(value, (list, tuple)):
+        raise RowError("BAD_FIELD_TYPE", f"objects must be a list of {{label, bbox}}, got {type(value).__name__}",
+                       asset_id)
+    if len(value) > MAX_OBJECTS:
+        raise RowError("BAD_FIELD_TYPE", f"objects: {len(value)} entries, at most {MAX_OBJECTS}", asset_id)
+    return tuple(_labelled_box(item, f"objects[{i}]", asset_id) for i, item in enumerate(value))
+
+
+def _labelled_box(item: Any, where: str, asset_id: str | None) -> LabelledBox:
+    if not isinstance(item, Mapping):
+        raise RowError("BAD_FIELD_TYPE", f"{where} must be an object with label and bbox", asset_id)
+    label = item.get("label")
+    if isinstance(label, str):  # one line of printable text: a label is a phrase inside a prompt
+        label = unicodedata.normalize("NFC", label)
+        label = " ".join("".join(ch if unicodedata.category(ch)[0] != "C" else " " for ch in label).split())
+    if not isinstance(label, str) or not label:
+        raise RowError("BAD_FIELD_TYPE", f"{where}.label must be a non-empty string", asset_id)
+    if len(label) > MAX_LABEL_CHARS:
+        raise RowError("BAD_FIELD_TYPE", f"{where}.label is {len(label)} characters, at most {MAX_LABEL_CHARS}",
+                       asset_id)
+    bbox = item.get("bbox")
+    if hasattr(bbox, "tolist"):  # a numpy array from Parquet
+        bbox = bbox.tolist()
+    if isinstance(bbox, (list, tuple)):  # numpy scalars -> Python numbers
+        bbox = [v.item() if hasattr(v, "item") and not isinstance(v, (int, float)) else v for v in bbox]
+    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not all(_finite_number(v) for v in bbox):
+        raise RowError("BAD_FIELD_TYPE", f"{where}.bbox must be 4 finite numbers [x0, y0, x1, y1]", asset_id)
+    x0, y0, x1, y1 = bbox
+    if not (x0 < x1 and y0 < y1):
+        raise RowError("BAD_FIELD_TYPE", f"{where}.bbox {list(bbox)} needs x0 < x1 and y0 < y1", asset_id)
+    return LabelledBox(label, (x0, y0, x1, y1))
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _json_safe(value: Any) -> Any:
     if hasattr(value, "tolist"):
         value = value.tolist()
@@ -210,6 +284,7 @@ def parse_entry(row: Mapping[str, Any]) -> ManifestEntry:
     _, expiry = _pick(row, "license_expiry")
     _, width = _pick(row, "width")
     _, height = _pick(row, "height")
+    _, objects = _pick(row, "objects")
 
     used = {_pick(row, name)[0] for name in ALIASES} | {name for name in ALIASES if name in row}
     extra = {str(k): _json_safe(v) for k, v in row.items() if k not in used}
@@ -227,5 +302,6 @@ def parse_entry(row: Mapping[str, Any]) -> ManifestEntry:
         sha256=sha,
         width=_dimension("width", width, asset_id),
         height=_dimension("height", height, asset_id),
+        objects=parse_objects(objects, asset_id) if objects is not None else (),
         extra=extra,
     )

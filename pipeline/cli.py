@@ -113,6 +113,37 @@ def format_report(report: RunReport) -> str:
     return "\n".join(lines)
 
 
+DEMO_CAPTION = "A kitchen with a white refrigerator, a stove and wooden cabinets."
+DEMO_IMAGE = "images/000000000802.jpg"  # a bundled demo photo (manifests/demo/)
+
+
+def demo_lm(cfg: RunConfig) -> str:
+    """What `curate demo` does after the run: train the reference LM on the demo's token shards
+    for the bounded budget in demo.yaml (`train_lm`), then write one generated PNG and one
+    generated caption under OUT/samples/. Returns the summary lines."""
+    import math
+
+    from pipeline import storage
+    from tokenizer.vocab import JointVocab
+    from trainer.config import SampleConfig
+    from trainer.sample import write_samples
+    from trainer.train import train_lm
+
+    tokens = storage.join(cfg.out, "tokens")
+    result = train_lm(tokens, storage.join(cfg.out, "models", "lm"), cfg.train_lm)
+    vocab = JointVocab.load(storage.join(tokens, "vocab.json"), with_text=False)
+    samples = write_samples(cfg.out, DEMO_CAPTION, str(demo_dir() / DEMO_IMAGE), SampleConfig(seed=cfg.seed))
+    lines = [
+        f"reference LM ({cfg.train_lm.model}, {result['steps']} steps, {result['train_minutes']:.1f} min, "
+        f"{result['tokens_per_s']:.0f} tokens/s): loss {result['first_10pct_loss']:.3f} (first 10 % of steps) -> "
+        f"{result['last_10pct_loss']:.3f} (last 10 %), held-out {result['eval_loss']:.3f}, "
+        f"ln(vocab) = {math.log(vocab.size):.3f}  ({result['out_dir']})",
+        f"samples: {samples['image']['png']} (caption -> image, {samples['grid']} x {samples['grid']} codes), "
+        f"{samples['caption']['txt']}: {samples['caption']['text']!r}  ({samples['out_dir']})",
+    ]
+    return "\n".join(lines)
+
+
 def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="run config YAML (any fsspec URL); built-in defaults without it")
     parser.add_argument("--manifest", action="append", help="manifest URL (repeatable); overrides the config")
@@ -165,6 +196,103 @@ def train_model(what: str, cfg: RunConfig, shards: list[str]) -> dict:
     return result
 
 
+TRAIN_LM_HELP = """\
+Train the reference CM3 LM on the token shards -> OUT/models/lm/ (lm.safetensors + lm.json,
+resumable lm-train.safetensors, train-log.jsonl). Settings: the run config's train_lm section,
+then these flags. Rerunning on the same OUT resumes from its checkpoint. Several processes or
+GPUs: torchrun --nproc_per_node N -m pipeline.cli train-lm ... (docs/training.md).
+"""
+
+
+def train_lm_command(args: argparse.Namespace, cfg: RunConfig) -> dict:
+    """`curate train-lm`: the run config's `train_lm` section with the flags on top."""
+    from dataclasses import replace
+
+    from pipeline import storage
+    from trainer.config import train_lm_overrides
+    from trainer.train import train_lm
+
+    try:
+        train_cfg = replace(cfg.train_lm, **train_lm_overrides(args))
+    except ValueError as exc:
+        raise ConfigError(f"train_lm: {exc}") from None
+    tokens = args.tokens or storage.join(cfg.out, "tokens")
+    return train_lm(tokens, storage.join(cfg.out, "models", "lm"), train_cfg)
+
+
+SAMPLE_HELP = """\
+Sample from the run's reference LM (OUT/models/lm, or --lm) and write OUT/samples/:
+  --caption TEXT   caption -> image: grid x grid image codes (only image ids allowed), guided
+                   against the unconditional prompt `[bos] <mask:0> <img>`, decoded by the run's
+                   VQ (OUT/models/vq) to a PNG
+  --image FILE     image -> caption: the image normalised like the curated store, encoded by the
+                   run's VQ, then text ids until <eos> -> a .txt
+Each sample also gets a JSON record (prompt, settings, LM sha256). Same seed, same sample.
+See docs/training.md#sampling.
+"""
+
+
+def sample_command(args: argparse.Namespace) -> int:
+    """`curate sample`: flags -> SampleConfig, optional retrieval, `trainer.sample.write_samples`."""
+    import json
+
+    from trainer.config import SampleConfig
+    from trainer.sample import write_samples
+
+    try:
+        cfg = SampleConfig(temperature=args.temperature, top_p=args.top_p, cfg_scale=args.cfg_scale,
+                           max_caption_tokens=args.max_caption_tokens, seed=args.seed)
+        neighbours = []
+        if args.retrieve:
+            if args.caption is None:
+                raise ValueError("--retrieve needs --caption: it retrieves documents for the caption prompt")
+            from pipeline.sample_retrieval import retrieve_neighbours
+
+            neighbours = retrieve_neighbours(args.out, args.caption, args.retrieve, device=args.device)
+        result = write_samples(args.out, args.caption, args.image, cfg, args.samples, lm=args.lm,
+                               neighbours=neighbours, device=args.device, num_threads=args.threads)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"curate sample: {exc}", file=sys.stderr)
+        return 2
+    summary = {"lm_sha256": result["lm_sha256"], "grid": result["grid"],
+               "neighbours": [n.key for n in neighbours]}
+    for kind in ("image", "caption"):
+        if kind in result:
+            summary[kind] = {k: v for k, v in result[kind].items() if isinstance(v, (str, int, float))}
+    print(json.dumps(summary, indent=2, ensure_ascii=False))
+    return 0
+
+
+def add_sample_parser(sub: argparse._SubParsersAction) -> None:
+    from trainer.config import SampleConfig  # no torch import just to build the parser
+
+    d = SampleConfig()
+    p = sub.add_parser("sample", help="sample from the reference LM: caption -> PNG or image -> caption",
+                       description=SAMPLE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, metavar="RUN_OUT", help="the run's output folder (models, run.json, index, tokens)")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--caption", metavar="TEXT", help="caption -> image: write a PNG")
+    what.add_argument("--image", metavar="FILE", help="image file or URL -> caption: write a .txt")
+    p.add_argument("--lm", metavar="PATH", help="LM checkpoint folder or lm.safetensors (default: OUT/models/lm)")
+    p.add_argument("--cfg-scale", type=float, default=d.cfg_scale, metavar="S",
+                   help=f"classifier-free guidance scale, caption -> image; 1 turns it off (default {d.cfg_scale})")
+    p.add_argument("--temperature", type=float, default=d.temperature, metavar="T",
+                   help=f"softmax temperature; 0 is greedy (default {d.temperature})")
+    p.add_argument("--top-p", type=float, default=d.top_p, metavar="P",
+                   help=f"nucleus sampling: smallest set of ids holding this probability; 1 keeps all (default {d.top_p})")
+    p.add_argument("--seed", type=int, default=d.seed, metavar="N", help=f"sampling seed: same seed, same sample (default {d.seed})")
+    p.add_argument("--max-caption-tokens", type=int, default=d.max_caption_tokens, metavar="N",
+                   help=f"image -> caption: stop after this many tokens without <eos> (default {d.max_caption_tokens})")
+    p.add_argument("--retrieve", type=int, default=0, metavar="K",
+                   help="caption -> image: prepend the documents of K neighbours retrieved from OUT/index with "
+                        "the run's CLIP (default 0: none)")
+    p.add_argument("--samples", metavar="DIR", help="where to write (default: OUT/samples)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"), help="default cpu")
+    p.add_argument("--threads", type=int, default=1, metavar="N",
+                   help="torch CPU threads while sampling (default 1: faster for small models; 0 leaves torch's)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="curate", description="Licensed image-text corpus -> curated store -> CM3 token shards.",
@@ -187,6 +315,17 @@ def build_parser() -> argparse.ArgumentParser:
         train.add_argument("--shards", help="curated shards: a folder of images-*.tar or a glob (default: OUT/curated)")
         train.add_argument("-v", "--verbose", action="store_true")
         train.set_defaults(manifest=None, policy=None, until=None)
+    from trainer.config import add_train_lm_flags
+
+    lm = sub.add_parser("train-lm", help="train the reference CM3 LM on the token shards -> OUT/models/lm/",
+                        description=TRAIN_LM_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    lm.add_argument("--config", help="run config YAML (section train_lm); built-in defaults without it")
+    lm.add_argument("--out", help="the run's output folder (the model goes to OUT/models/lm)")
+    lm.add_argument("--tokens", help="token shard folder, any fsspec URL (default: OUT/tokens)")
+    add_train_lm_flags(lm)
+    lm.add_argument("-v", "--verbose", action="store_true")
+    lm.set_defaults(manifest=None, policy=None, until=None)
+    add_sample_parser(sub)
     return parser
 
 
@@ -198,11 +337,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     for noisy in ("apache_beam", "urllib3", "fsspec", "faiss"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if args.verbose else logging.ERROR)
     try:
+        if args.command == "sample":
+            if beam_flags:
+                raise ConfigError(f"sample does not know {beam_flags} (see curate sample --help)")
+            return sample_command(args)
         if args.command == "demo":
             args.config = str(demo_dir() / "demo.yaml")
             args.manifest = None
             args.policy = None
         cfg = config_from_args(args)
+        if args.command == "train-lm":
+            import json
+
+            if beam_flags:
+                raise ConfigError(f"train-lm does not know {beam_flags} (see curate train-lm --help)")
+            result = train_lm_command(args, cfg)
+            if int(os.environ.get("RANK", "0")) == 0:  # one summary under torchrun
+                print(json.dumps(result, indent=2))
+            return 0
         if args.command.startswith("train-"):
             import json
 
@@ -210,10 +362,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps({k: v for k, v in result.items() if isinstance(v, (int, float, str, bool))}, indent=2))
             return 0
         report = run(cfg, until=args.until, beam_flags=beam_flags)
+        extra = demo_lm(cfg) if args.command == "demo" and args.until == PHASES[-1] else None
     except ConfigError as exc:
         print(f"curate: configuration error: {exc}", file=sys.stderr)
         return 2
     print(format_report(report))
+    if extra:
+        print(extra)
     return 0
 
 

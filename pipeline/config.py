@@ -20,7 +20,9 @@ import yaml
 
 from pipeline import neardup
 from pipeline.retrieval import IndexConfig, NeighbourConfig
+from tokenizer import sft as sft_format
 from tokenizer.vq.config import TrainVQConfig
+from trainer.config import TrainLMConfig
 
 
 class ConfigError(ValueError):
@@ -290,6 +292,56 @@ class TokensConfig:
             raise ConfigError("tokens.sequences_per_shard must be >= 1")
 
 
+SFT_TASKS = sft_format.TASKS
+SFT_TEMPLATES = tuple(sft_format.TEMPLATES)
+
+
+@dataclass(frozen=True)
+class SftConfig:
+    """The `sft` step: CM3leon-style task examples `[bos] prompt <break> answer [eos]` over the
+    curated documents, a shard set of their own (`OUT/sft/`, docs/shards.md#sft-shard-set).
+    Each task's natural share is resampled towards `task_weights` (equal by default) by a
+    factor clamped to [`min_downsample`, `max_upsample`] (CM3leon: 0.3 and 3)."""
+
+    enabled: bool = False
+    tasks: tuple[str, ...] = SFT_TASKS
+    templates: str = "cm3leon"  # cm3leon | minimal (no instruction words)
+    task_weights: Mapping[str, float] = field(default_factory=dict)  # target share weights; missing = 1
+    max_upsample: float = 3.0
+    min_downsample: float = 0.3
+    max_objects: int = 8  # boxes named in one grounded prompt (the first ones kept by the crop)
+    max_tokens: int = 4096  # a longer example is skipped (counted), not rejected in the ledger
+    sequences_per_shard: int = 10_000
+
+    def __post_init__(self) -> None:
+        if isinstance(self.tasks, str) or not self.tasks:
+            raise ConfigError(f"sft.tasks must be a non-empty list from {SFT_TASKS}")
+        unknown = [t for t in self.tasks if t not in SFT_TASKS]
+        if unknown or len(set(self.tasks)) != len(self.tasks):
+            raise ConfigError(f"sft.tasks must name distinct tasks from {SFT_TASKS}, got {list(self.tasks)}")
+        object.__setattr__(self, "tasks", tuple(self.tasks))
+        if self.templates not in SFT_TEMPLATES:
+            raise ConfigError(f"sft.templates must be one of {SFT_TEMPLATES}, got {self.templates!r}")
+        if not isinstance(self.task_weights, Mapping):
+            raise ConfigError("sft.task_weights must be a mapping task -> weight")
+        for task, weight in self.task_weights.items():
+            if task not in self.tasks:
+                raise ConfigError(f"sft.task_weights names {task!r}, which is not in sft.tasks")
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+                raise ConfigError(f"sft.task_weights.{task} must be a number > 0, got {weight!r}")
+        object.__setattr__(self, "task_weights", {t: float(w) for t, w in sorted(self.task_weights.items())})
+        if not self.max_upsample >= 1.0:
+            raise ConfigError(f"sft.max_upsample must be >= 1, got {self.max_upsample!r}")
+        if not 0.0 < self.min_downsample <= 1.0:
+            raise ConfigError(f"sft.min_downsample must be in (0, 1], got {self.min_downsample!r}")
+        if not isinstance(self.max_objects, int) or self.max_objects < 1:
+            raise ConfigError(f"sft.max_objects must be an int >= 1, got {self.max_objects!r}")
+        if self.max_tokens < 8:
+            raise ConfigError(f"sft.max_tokens must be >= 8, got {self.max_tokens!r}")
+        if self.sequences_per_shard < 1:
+            raise ConfigError("sft.sequences_per_shard must be >= 1")
+
+
 @dataclass(frozen=True)
 class BeamConfig:
     """Runner flags; `options` pass straight to Beam's PipelineOptions (e.g. `--runner`)."""
@@ -326,6 +378,8 @@ class RunConfig:
     vq: VQRunConfig = field(default_factory=VQRunConfig)
     text: TextConfig = field(default_factory=TextConfig)
     tokens: TokensConfig = field(default_factory=TokensConfig)
+    sft: SftConfig = field(default_factory=SftConfig)
+    train_lm: TrainLMConfig = field(default_factory=TrainLMConfig)  # `curate train-lm` (docs/training.md)
     beam: BeamConfig = field(default_factory=BeamConfig)
 
     def to_json(self) -> dict[str, Any]:

@@ -11,6 +11,8 @@ Steps run in order; each belongs to a user-facing phase (`--until`):
     index    index   (E: FAISS index over document embeddings + neighbour table)
     tokens   tokens  (F: CM3 sequences -> Megatron .bin/.idx shards + provenance; ledger
                       rejects documents too long for tokens.max_tokens)
+             sft     (only with sft.enabled: CM3leon-style task examples -> `sft/`, a shard
+                      set of its own; the ledger is not touched)
 
 A step is done when `OUT/_state/<step>.json` holds the same config hash; the hash chains
 the hashes of the steps before it, so changing an upstream setting reruns everything
@@ -89,6 +91,7 @@ class Step:
     sections: tuple[str, ...]  # config sections that change this step's outputs
     outputs: tuple[str, ...]  # folders under OUT owned (and cleared) by this step
     action: Callable[[RunContext], tuple[dict[str, int], dict[str, Any]]]
+    gate: str | None = None  # a config section with `enabled`: when false the step is left out entirely
 
 
 def beam_options(cfg: RunConfig, extra_flags: Sequence[str] = ()) -> PipelineOptions:
@@ -437,17 +440,48 @@ def step_index(ctx: RunContext):
 TOO_LONG = "_work/tokens-too-long.jsonl"
 
 
-def build_tokens_graph(p: beam.Pipeline, ctx: RunContext, num_shards: int, dtype: str, extra: dict[str, Any]) -> None:
-    from pipeline.stages.tokens import WriteTokenShards, read_codes
+DOCUMENT_COLUMNS = ["key", "asset_id", "captions", "license_id", "licensor"]
 
-    curated, codes, index = ctx.path("curated"), ctx.path("codes"), ctx.path("index")
-    inputs = {
+
+def _read_documents(p: beam.Pipeline, ctx: RunContext, columns: Sequence[str] = DOCUMENT_COLUMNS) -> dict[str, Any]:
+    """The two inputs every shard set joins by document key: curated metadata rows (`columns`)
+    and (key, codes) pairs."""
+    from pipeline.stages.tokens import read_codes
+
+    return {
         "meta": p | "ReadMetadata" >> beam.io.ReadFromParquet(
-            storage.join(curated, "metadata-*.parquet"), columns=["key", "asset_id", "captions", "license_id", "licensor"]),
-        "codes": p | "CodeFiles" >> beam.Create(storage.list_files(codes, "codes-*.parquet"))
+            storage.join(ctx.path("curated"), "metadata-*.parquet"), columns=list(columns)),
+        "codes": p | "CodeFiles" >> beam.Create(storage.list_files(ctx.path("codes"), "codes-*.parquet"))
         | "ReadCodes" >> beam.FlatMap(read_codes),
-        "neighbours": p | "ReadNeighbours" >> beam.io.ReadFromParquet(storage.join(index, "neighbours-*.parquet")),
     }
+
+
+def _shard_set_start(ctx: RunContext, folder: str) -> tuple[str, dict[str, Any]]:
+    """Copy the vocabulary into a shard set's folder (the set carries the ids' meaning); returns
+    the token dtype and the index fields every shard set records."""
+    from tokenizer import token_shards
+    from tokenizer.vocab import JointVocab
+
+    models = ctx.path("models")
+    for name in ("vocab.json", "text-bpe.json"):
+        _copy(storage.join(models, name), storage.join(folder, name))
+    vocab = JointVocab.load(storage.join(folder, "vocab.json"), with_text=False)
+    extra = {
+        "config_hash": ctx.config_hash,
+        "vocab_size": vocab.size,
+        "vocab_sha256": storage.file_sha256(storage.join(models, "vocab.json")),
+        "bpe_sha256": storage.file_sha256(storage.join(models, "text-bpe.json")),
+        "vq_sha256": storage.file_sha256(storage.join(models, "vq", "vq.safetensors")),
+    }
+    return token_shards.shard_dtype(vocab.size).name, extra
+
+
+def build_tokens_graph(p: beam.Pipeline, ctx: RunContext, num_shards: int, dtype: str, extra: dict[str, Any]) -> None:
+    from pipeline.stages.tokens import WriteTokenShards
+
+    inputs = _read_documents(p, ctx)
+    inputs["neighbours"] = p | "ReadNeighbours" >> beam.io.ReadFromParquet(
+        storage.join(ctx.path("index"), "neighbours-*.parquet"))
     _ = inputs | "WriteTokenShards" >> WriteTokenShards(
         ctx.cfg.tokens, ctx.path("tokens", "vocab.json"), ctx.path("tokens"), ctx.path(TOO_LONG), ctx.cfg.seed,
         num_shards, dtype, extra)
@@ -458,27 +492,16 @@ def step_tokens(ctx: RunContext):
     rejected in the ledger (stage tokens, SEQUENCE_TOO_LONG)."""
     import math
 
-    from tokenizer import token_shards
-    from tokenizer.vocab import JointVocab
-
     cfg = ctx.cfg.tokens
-    models, tokens = ctx.path("models"), ctx.path("tokens")
-    for name in ("vocab.json", "text-bpe.json"):  # the shard set carries its vocabulary
-        _copy(storage.join(models, name), storage.join(tokens, name))
-    vocab = JointVocab.load(storage.join(tokens, "vocab.json"), with_text=False)
+    tokens = ctx.path("tokens")
+    dtype, extra = _shard_set_start(ctx, tokens)
     restored = _update_ledger(ctx.out, "tokens", restore=True)
     curated = storage.read_json(ctx.path("curated", "index.json"))["samples"]
     num_shards = max(1, math.ceil(curated / cfg.sequences_per_shard))
-    extra = {
-        "config_hash": ctx.config_hash,
-        "vocab_size": vocab.size,
-        "vocab_sha256": storage.file_sha256(storage.join(models, "vocab.json")),
-        "bpe_sha256": storage.file_sha256(storage.join(models, "text-bpe.json")),
-        "vq_sha256": storage.file_sha256(storage.join(models, "vq", "vq.safetensors")),
+    extra.update({
         "layout": "[bos] neighbour_1 <break> ... neighbour_k <break> main [eos]",
         "k": cfg.k, "max_tokens": cfg.max_tokens, "order": cfg.order, "seed": ctx.cfg.seed,
-    }
-    dtype = token_shards.shard_dtype(vocab.size).name
+    })
     counters = run_beam(lambda p: build_tokens_graph(p, ctx, num_shards, dtype, extra), ctx.options)
     too_long = {}
     import fsspec
@@ -499,6 +522,46 @@ def step_tokens(ctx: RunContext):
                       "sequences_with_neighbours": index["sequences_with_neighbours"]}
 
 
+# ----------------------------------------------------------------------------- step: sft
+
+
+def build_sft_graph(p: beam.Pipeline, ctx: RunContext, num_shards: int, dtype: str, extra: dict[str, Any]) -> None:
+    from pipeline.stages.tokens import WriteSftShards
+
+    inputs = _read_documents(p, ctx, DOCUMENT_COLUMNS + ["source_width", "source_height", "extra_json"])
+    inputs["ledger"] = p | "ReadLedger" >> beam.io.ReadFromParquet(
+        storage.join(ctx.path("ledger"), "ledger-*.parquet"), columns=["key", "status"])
+    _ = inputs | "WriteSftShards" >> WriteSftShards(
+        ctx.cfg.sft, ctx.path("sft", "vocab.json"), ctx.path("sft"), ctx.cfg.seed, num_shards, dtype,
+        ctx.cfg.decode.resolution, extra)
+
+
+def step_sft(ctx: RunContext):
+    """CM3leon-style SFT examples over the kept documents -> `sft/` (docs/shards.md#sft-shard-set).
+    An example over `sft.max_tokens` is skipped and counted; the ledger is not touched, since
+    the asset stays in the pretraining set."""
+    import math
+
+    from tokenizer import sft as sft_format
+
+    cfg = ctx.cfg.sft
+    folder = ctx.path("sft")
+    dtype, extra = _shard_set_start(ctx, folder)
+    curated = storage.read_json(ctx.path("curated", "index.json"))["samples"]
+    num_shards = max(1, math.ceil(curated * len(cfg.tasks) / cfg.sequences_per_shard))
+    extra.update({
+        "layout": sft_format.LAYOUT, "tasks": list(cfg.tasks), "templates": cfg.templates,
+        "task_weights": dict(cfg.task_weights), "max_upsample": cfg.max_upsample,
+        "min_downsample": cfg.min_downsample, "max_tokens": cfg.max_tokens, "resolution": ctx.cfg.decode.resolution,
+        "seed": ctx.cfg.seed,
+    })
+    counters = run_beam(lambda p: build_sft_graph(p, ctx, num_shards, dtype, extra), ctx.options)
+    index = storage.read_json(storage.join(folder, "index.json"))
+    return counters, {"shards": len(index["shards"]), "sequences": index["sequences"], "tokens": index["tokens"],
+                      "sequences_per_task": index["sequences_per_task"], "task_factors": index["task_factors"],
+                      "skipped_too_long": sum(index["skipped_too_long"].values())}
+
+
 STEPS: tuple[Step, ...] = (
     Step("prepare", "curated", ("validate", "fetch", "decode", "curated", "dedup"), (PREPARED, STAGING, SLICES, DECISIONS),
          step_prepare),
@@ -509,6 +572,7 @@ STEPS: tuple[Step, ...] = (
     Step("encode", "models", ("vq",), ("codes",), step_encode),
     Step("index", "index", ("index", "neighbours"), ("index",), step_index),
     Step("tokens", "tokens", ("tokens",), ("tokens", TOO_LONG), step_tokens),
+    Step("sft", "tokens", ("sft",), ("sft",), step_sft, gate="sft"),
 )
 
 
@@ -567,6 +631,8 @@ def run(cfg: RunConfig, until: str = PHASES[-1], beam_flags: Sequence[str] = ())
     for step in STEPS:
         if PHASES.index(step.phase) > last:
             break
+        if step.gate and not getattr(cfg, step.gate).enabled:
+            continue  # not run, not recorded, its folder (if any, from an earlier run) left alone
         chain = _digest({"previous": chain, "step": step.name, **{s: data[s] for s in step.sections}})
         started = time.monotonic()
         state = None if upstream_ran else _step_done(cfg.out, step.name, chain)

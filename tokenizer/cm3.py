@@ -64,6 +64,19 @@ def build_sequence(vocab: JointVocab, neighbours: Sequence[np.ndarray], main: np
     return np.concatenate(pieces).astype(vocab.dtype)
 
 
+def sequence_documents(vocab: JointVocab, sequence: np.ndarray) -> list[np.ndarray]:
+    """Invert `build_sequence` on an unmasked sequence: its documents in order, without bos,
+    eos and `<break>`, so the last one is the main document (what a sampling prompt reuses as a
+    retrieved neighbour). Captions never hold a `<break>` id (they encode as plain text)."""
+    ids = np.asarray(sequence)
+    start = 1 if len(ids) and int(ids[0]) == vocab.bos_id else 0
+    end = len(ids) - 1 if len(ids) > start and int(ids[-1]) == vocab.eos_id else len(ids)
+    body = ids[start:end]
+    starts = np.concatenate([[0], np.flatnonzero(body == vocab.break_id) + 1])
+    ends = np.concatenate([starts[1:] - 1, [len(body)]])
+    return [body[a:b] for a, b in zip(starts.tolist(), ends.tolist())]
+
+
 def mask_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
     """Deterministic generator per (seed, epoch, key), independent of worker/rank layout."""
     digest = hashlib.sha256(f"cm3:{seed}:{epoch}:{key}".encode()).digest()

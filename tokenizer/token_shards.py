@@ -141,11 +141,19 @@ def encode_shard(index: int, sequences: Sequence[np.ndarray], provenance: Sequen
 
 PROVENANCE_COLUMNS = ("key", "shard", "index", "num_tokens", "main_asset_id", "asset_ids", "roles", "license_ids",
                       "licensors", "neighbour_scores", "order")
+# Columns a shard set adds when its rows carry them (SFT: the task and where the answer
+# begins); a part without them is byte-identical to one written before they existed.
+OPTIONAL_COLUMNS = ("task", "answer_start")
 
 
-def provenance_schema():
+def provenance_schema(optional: Sequence[str] = ()):
+    """The provenance columns, plus those of OPTIONAL_COLUMNS named in `optional` (in that order)."""
     import pyarrow as pa
 
+    extra = {"task": pa.string(), "answer_start": pa.int32()}
+    unknown = set(optional) - set(extra)
+    if unknown:
+        raise ValueError(f"unknown optional provenance columns {sorted(unknown)}")
     return pa.schema([
         ("key", pa.string()),
         ("shard", pa.int32()),
@@ -158,14 +166,16 @@ def provenance_schema():
         ("licensors", pa.list_(pa.string())),
         ("neighbour_scores", pa.list_(pa.float32())),
         ("order", pa.string()),
-    ])
+    ] + [(name, extra[name]) for name in OPTIONAL_COLUMNS if name in optional])
 
 
 def provenance_parquet(rows: Iterable[dict[str, Any]]) -> bytes:
+    """One provenance part; an optional column is written when any row carries it."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    schema = provenance_schema()
+    rows = list(rows)
+    schema = provenance_schema([c for c in OPTIONAL_COLUMNS if any(c in r for r in rows)])
     table = pa.Table.from_pylist([{c: r.get(c) for c in schema.names} for r in rows], schema=schema)
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")

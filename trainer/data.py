@@ -24,7 +24,8 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from tokenizer.cm3 import MaskConfig, cm3_mask
+from tokenizer.cm3 import MaskConfig, apply_mask, choose_spans, mask_rng
+from tokenizer.shards import is_heldout
 from tokenizer.token_shards import SEQUENCES_DIR, load_tokens_index, parse_index
 from tokenizer.vocab import JointVocab
 
@@ -35,6 +36,15 @@ log = logging.getLogger(__name__)
 
 STATE_FORMAT = "cm3curate-reader/1"
 PAD_DOCUMENT = -1  # document id of padding positions
+def document_key(key: str) -> str:
+    """The curated document a sequence key belongs to: the key itself in `tokens/`, the part
+    before the first `-` for SFT examples (`{key}-{task}-{copy}`); curated keys are hex, without
+    `-`. The held-out split is taken on it, so every copy and task of a document falls on the
+    same side."""
+    return key.split("-", 1)[0]
+
+
+SPLITS = (None, "train", "heldout")  # heldout: tokenizer.shards.is_heldout(key), the split every tool uses
 
 
 def mask_overhead(vocab: JointVocab, mask: MaskConfig | None) -> int:
@@ -44,16 +54,23 @@ def mask_overhead(vocab: JointVocab, mask: MaskConfig | None) -> int:
 
 class TokenShardDataset(Dataset):
     """Map-style dataset over a `tokens/` folder: item `(epoch, index)` (or a bare `index`, epoch 0)
-    -> `{"index", "epoch", "key", "tokens"}`.
+    -> `{"index", "epoch", "key", "tokens", "answer_start", "source"}`.
 
-    Only numpy arrays and one path per shard live on the object, never a Python object per
-    sequence, so forked DataLoader workers keep sharing its pages (copy-on-write does not grow).
+    `split` keeps all sequences (None), or those whose key `tokenizer.shards.is_heldout` puts in
+    "heldout" (10 %) or not ("train"): a pure function of the key, so every tool agrees; `index`
+    then counts inside the split. Only numpy arrays and one path per shard live on the object,
+    never a Python object per sequence, so forked DataLoader workers keep sharing its pages
+    (copy-on-write does not grow).
     """
 
-    def __init__(self, tokens_dir: str, *, seed: int = 0, mask: MaskConfig | None = MaskConfig()):
+    def __init__(self, tokens_dir: str, *, seed: int = 0, mask: MaskConfig | None = MaskConfig(),
+                 split: str | None = None):
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         self.tokens_dir = tokens_dir.rstrip("/")
         self.seed = int(seed)
         self.mask = mask
+        self.split = split
         index, self.index_sha256 = load_tokens_index(self.tokens_dir)
         self.vocab = JointVocab.load(f"{self.tokens_dir}/vocab.json", with_text=False)
         fs, root = fsspec.core.url_to_fs(self.tokens_dir)
@@ -61,26 +78,41 @@ class TokenShardDataset(Dataset):
         shards = sorted(index["shards"], key=lambda s: s["shard"])
         self._bin_paths = tuple(f"{root}/{s['name']}.bin" for s in shards)
         self.shard_numbers = np.array([s["shard"] for s in shards], dtype=np.int64)
-        lengths, offsets, keys = [], [], []
+        lengths, offsets, keys, answers = [], [], [], []
         for entry in shards:
             shard = _read_shard_index(fs, root, entry, self.vocab.dtype)
             lengths.append(shard.lengths.astype(np.int64))
             offsets.append(shard.pointers // self.vocab.dtype.itemsize)
-            keys.append(_read_keys(fs, root, entry["shard"], shard.lengths))
+            shard_keys, shard_answers = _read_keys(fs, root, entry["shard"], shard.lengths)
+            keys.append(shard_keys)
+            answers.append(shard_answers)
         counts = np.array([len(x) for x in lengths], dtype=np.int64)
         self.lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
         self.offsets = np.concatenate(offsets) if offsets else np.zeros(0, np.int64)  # in tokens, into the shard's .bin
         self.shard_of = np.repeat(np.arange(len(shards), dtype=np.int32), counts)  # position in self._bin_paths
-        self.first_index = (np.cumsum(counts) - counts).astype(np.int64)  # global index of each shard's row 0
         self.keys = np.concatenate(keys) if keys else np.zeros(0, "S1")  # fixed-width bytes, not a list of str
+        # SFT shard sets: the offset where each sequence's answer begins (no loss before it); None when absent
+        self.answer_starts = None
+        if any(a is not None for a in answers):
+            self.answer_starts = np.concatenate([np.zeros(len(k), np.int32) if a is None else a
+                                                 for k, a in zip(keys, answers)])
         if len(self.lengths) != index["sequences"]:
             raise ValueError(f"{self.tokens_dir}: index.json counts {index['sequences']} sequences, "
                              f"the .idx files {len(self.lengths)}")
+        if split is not None:
+            keep = np.fromiter((is_heldout(document_key(k.decode())) for k in self.keys), dtype=bool, count=len(self.keys))
+            keep = keep if split == "heldout" else ~keep
+            self.lengths, self.offsets, self.shard_of, self.keys = (a[keep] for a in (self.lengths, self.offsets,
+                                                                                      self.shard_of, self.keys))
+            self.answer_starts = None if self.answer_starts is None else self.answer_starts[keep]
+            counts = np.bincount(self.shard_of, minlength=len(shards)).astype(np.int64)
+        self.first_index = (np.cumsum(counts) - counts).astype(np.int64)  # index of each shard's first sequence
         self._pid: int | None = None
         self._fs: fsspec.AbstractFileSystem | None = None
         self._bins: list[np.ndarray | None] = []
-        log.info("token shards %s: %d shards, %d sequences, %d tokens, index sha256 %s", self.tokens_dir, len(shards),
-                 len(self.lengths), int(self.lengths.sum()), self.index_sha256[:12])
+        log.info("token shards %s%s: %d shards, %d sequences, %d tokens, index sha256 %s", self.tokens_dir,
+                 f" ({split})" if split else "", len(shards), len(self.lengths), int(self.lengths.sum()),
+                 self.index_sha256[:12])
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -138,9 +170,16 @@ class TokenShardDataset(Dataset):
         out = []
         for (epoch, index), tokens in zip(pairs, raws):
             key = self.key(index)
+            answer_start = 0 if self.answer_starts is None else int(self.answer_starts[index])
+            source = None  # stored position of each returned token (-1: sentinel), only when needed
             if self.mask is not None:
-                tokens = cm3_mask(tokens, self.vocab, self.seed, epoch, key, self.mask)
-            out.append({"index": index, "epoch": epoch, "key": key, "tokens": tokens})
+                spans = choose_spans(tokens, self.vocab, mask_rng(self.seed, epoch, key), self.mask)  # = cm3_mask
+                if answer_start:
+                    source = masked_source_positions(len(tokens), spans, len(tokens) > 0 and
+                                                     int(tokens[-1]) == self.vocab.eos_id)
+                tokens = apply_mask(tokens, spans, self.vocab)
+            out.append({"index": index, "epoch": epoch, "key": key, "tokens": tokens, "answer_start": answer_start,
+                        "source": source})
         return out
 
     def __getitem__(self, item: tuple[int, int] | int) -> dict[str, Any]:
@@ -160,13 +199,34 @@ def _read_shard_index(fs: fsspec.AbstractFileSystem, root: str, entry: dict[str,
     return shard
 
 
-def _read_keys(fs: fsspec.AbstractFileSystem, root: str, shard: int, lengths: np.ndarray) -> np.ndarray:
-    """The keys of one shard in `.bin` order, from its provenance part, as fixed-width bytes."""
+def masked_source_positions(n: int, spans: Sequence[tuple[int, int]], has_eos: bool) -> np.ndarray:
+    """For each token of `tokenizer.cm3.apply_mask(ids, spans)` (ids of length n), the position in
+    `ids` it came from, -1 for a `<mask:i>` sentinel: maps stored offsets such as `answer_start`
+    into the masked sequence."""
+    body = n - 1 if has_eos else n
+    head: list[np.ndarray] = []
+    tail: list[np.ndarray] = []
+    pos = 0
+    for start, end in spans:
+        head += [np.arange(pos, start), np.array([-1])]
+        tail += [np.array([-1]), np.arange(start, end)]
+        pos = end
+    pieces = head + [np.arange(pos, body)] + tail + ([np.array([n - 1])] if has_eos else [])
+    return np.concatenate(pieces).astype(np.int64)
+
+
+def _read_keys(fs: fsspec.AbstractFileSystem, root: str, shard: int,
+               lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """The keys of one shard in `.bin` order, from its provenance part, as fixed-width bytes, and
+    its optional `answer_start` column (int32; None when the part has none)."""
     import pyarrow.parquet as pq
 
     path = f"{root}/{SEQUENCES_DIR}/part-{shard:06d}.parquet"
     with fs.open(path, "rb") as handle:
-        table = pq.read_table(handle, columns=["key", "index", "num_tokens"])
+        parquet = pq.ParquetFile(handle)
+        optional = ["answer_start"] if "answer_start" in parquet.schema_arrow.names else []
+        columns = ["key", "index", "num_tokens", *optional]
+        table = parquet.read(columns=columns)
     order = np.argsort(table.column("index").to_numpy())
     position = table.column("index").to_numpy()[order]
     if not np.array_equal(position, np.arange(len(lengths))):
@@ -174,7 +234,12 @@ def _read_keys(fs: fsspec.AbstractFileSystem, root: str, shard: int, lengths: np
     if not np.array_equal(table.column("num_tokens").to_numpy()[order], lengths):
         raise ValueError(f"{path}: num_tokens disagree with the .idx lengths")
     keys = table.column("key").to_numpy(zero_copy_only=False)[order]
-    return np.array([k.encode() for k in keys], dtype="S") if len(keys) else np.zeros(0, "S1")
+    answers = None
+    if "answer_start" in table.column_names:
+        answers = table.column("answer_start").fill_null(0).to_numpy().astype(np.int32)[order]
+        if np.any(answers < 0) or np.any(answers > lengths):
+            raise ValueError(f"{path}: answer_start outside 0..num_tokens")
+    return (np.array([k.encode() for k in keys], dtype="S") if len(keys) else np.zeros(0, "S1")), answers
 
 
 # order -------------------------------------------------------------------------------------
@@ -253,7 +318,8 @@ class Batch(TypedDict):
 class Collate:
     """Samples -> `Batch`: padded to the longest sequence (or `seq_len`), or packed first-fit in
     sampler order into rows of `seq_len`, whole sequences only. Runs in the worker that fetched
-    the batch, so the result never depends on the number of workers."""
+    the batch, so the result never depends on the number of workers. A sample with an
+    `answer_start` (SFT shard sets) gets no loss on the tokens that came from before it."""
 
     def __init__(self, pad_id: int, mask_ids: Sequence[int], seq_len: int | None = None, pack: bool = False):
         if pack and not seq_len:
@@ -297,6 +363,7 @@ class Collate:
         arange, zeros = np.arange(width, dtype=np.int64), np.zeros(width, dtype=np.int64)
         token_pieces, position_pieces, document_values, counts = [], [], [], []
         firsts, pads = [], []  # grid offsets of each document's first token; (start, stop) of each row's padding
+        prompts = []  # (grid offset, sample) of sequences with an answer_start (SFT): no loss before the answer
         for r, row in enumerate(members):
             used = 0
             for document, i in enumerate(row):
@@ -307,6 +374,8 @@ class Collate:
                 counts.append(n)
                 if n:
                     firsts.append(r * width + used)
+                if samples[i].get("answer_start"):
+                    prompts.append((r * width + used, samples[i]))
                 used += n
             if used < width:
                 token_pieces.append(pad[: width - used])
@@ -328,6 +397,12 @@ class Collate:
         weight[np.asarray(firsts, dtype=np.int64)] = False  # not predictable from the previous document
         for start, stop in pads:
             weight[start:stop] = False
+        for start, sample in prompts:
+            source = sample.get("source")
+            if source is None:  # unmasked: the prompt is the first answer_start tokens
+                weight[start : start + sample["answer_start"]] = False
+            else:  # CM3-masked: the tokens that came from the prompt, wherever masking moved them
+                weight[start : start + len(source)] &= source >= sample["answer_start"]
         loss_mask = weight.astype(np.float32).reshape(num_rows, width)
         epochs = {s["epoch"] for s in samples}
         if len(epochs) > 1:
@@ -371,8 +446,9 @@ class ShardLoader:
     def __init__(self, tokens_dir: str, global_batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
                  drop_last: bool = False, mask: MaskConfig | None = MaskConfig(), pack: bool = False,
                  seq_len: int | None = None, num_workers: int = 0, prefetch_factor: int | None = None,
-                 pin_memory: bool = False, persistent_workers: bool = False, multiprocessing_context: str | None = None):
-        self.dataset = TokenShardDataset(tokens_dir, seed=seed, mask=mask)
+                 pin_memory: bool = False, persistent_workers: bool = False, multiprocessing_context: str | None = None,
+                 split: str | None = None):
+        self.dataset = TokenShardDataset(tokens_dir, seed=seed, mask=mask, split=split)
         vocab = self.dataset.vocab
         if seq_len is not None and len(self.dataset):
             longest = int(np.argmax(self.dataset.lengths))
@@ -421,7 +497,8 @@ class ShardLoader:
         """What fixes the data stream: a resumed loader must agree on all of it."""
         mask = None if self.mask is None else {"poisson_lambda": self.mask.poisson_lambda, "max_spans": self.mask.max_spans}
         return {"index_sha256": self.dataset.index_sha256, "seed": self.seed,
-                "global_batch_size": self.sampler.global_batch_size, "drop_last": self.sampler.drop_last, "mask": mask}
+                "global_batch_size": self.sampler.global_batch_size, "drop_last": self.sampler.drop_last, "mask": mask,
+                "split": self.dataset.split}
 
     def state_dict(self) -> dict[str, Any]:
         """Plain JSON-able state; `world_size` is informational (resuming on another one is fine)."""

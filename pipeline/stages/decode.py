@@ -24,6 +24,8 @@ from pipeline.stages.base import Reject, StageDoFn
 from pipeline.stages.licenses import find_tdm_opt_out
 
 _XMP_INFO_KEYS = ("xmp", "XML:com.adobe.xmp", "XMP")
+_ORIENTATION = 0x0112  # EXIF Orientation tag
+_TRANSPOSING = (5, 6, 7, 8)  # orientations that swap width and height on display
 
 
 @dataclass(frozen=True)
@@ -31,7 +33,7 @@ class DecodedImage:
     jpeg: bytes
     pixel_sha256: str
     format: str
-    width: int
+    width: int  # of the image as displayed (EXIF orientation applied): the frame that is cropped
     height: int
     mode: str
     phash: str | None = None  # perceptual hash of the full frame (16 hex), for near-dedup
@@ -62,6 +64,13 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img
 
 
+def centre_square(width: float, height: float) -> tuple[float, float, float]:
+    """(left, top, side) of the centre square a `width` x `height` frame is cropped to; the
+    one definition of the crop, shared by the pixels and by the boxes mapped onto them."""
+    side = min(width, height)
+    return (width - side) / 2, (height - side) / 2, side
+
+
 def _centre_square(img: Image.Image, size: int) -> Image.Image:
     """Shorter-side resize + centre crop, done as one resample of the centre square.
 
@@ -69,10 +78,32 @@ def _centre_square(img: Image.Image, size: int) -> Image.Image:
     reads the pixels just outside it, as a full resize would) skips the columns or rows the
     crop throws away: a quarter of the work for a 4:3 photo.
     """
-    w, h = img.size
-    side = min(w, h)
-    left, top = (w - side) / 2, (h - side) / 2
+    left, top, side = centre_square(*img.size)
     return img.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + side, top + side), reducing_gap=3.0)
+
+
+MIN_VISIBLE_FRACTION = 0.25  # a box with less of its area inside the crop is dropped
+MIN_VISIBLE_PX = 1.0  # ... and so is one less than a curated pixel wide or tall inside it
+
+
+def curated_box(bbox: tuple[float, float, float, float], width: int, height: int,
+                resolution: int) -> tuple[int, int, int, int] | None:
+    """A source-pixel box `(x0, y0, x1, y1)` of a `width` x `height` image (as displayed)
+    in the curated frame: mapped through the same centre crop and resize as the pixels,
+    clipped to [0, resolution], corners rounded half up. None when (nearly) outside the crop:
+    under MIN_VISIBLE_FRACTION of its area, or under MIN_VISIBLE_PX wide or tall, inside it.
+    """
+    left, top, side = centre_square(width, height)
+    scale = resolution / side
+    x0, y0, x1, y1 = ((bbox[0] - left) * scale, (bbox[1] - top) * scale,
+                      (bbox[2] - left) * scale, (bbox[3] - top) * scale)
+    cx0, cy0 = min(max(x0, 0.0), resolution), min(max(y0, 0.0), resolution)
+    cx1, cy1 = min(max(x1, 0.0), resolution), min(max(y1, 0.0), resolution)
+    if cx1 - cx0 < MIN_VISIBLE_PX or cy1 - cy0 < MIN_VISIBLE_PX:
+        return None
+    if (cx1 - cx0) * (cy1 - cy0) < MIN_VISIBLE_FRACTION * (x1 - x0) * (y1 - y0):
+        return None
+    return tuple(int(math.floor(v + 0.5)) for v in (cx0, cy0, cx1, cy1))  # width >= 1 px survives rounding
 
 
 def decode_image(data: bytes, cfg: DecodeConfig, hash_kind: str | None = None) -> DecodedImage:
@@ -127,6 +158,8 @@ def decode_image(data: bytes, cfg: DecodeConfig, hash_kind: str | None = None) -
             raise Reject(RejectReason.NOT_AN_IMAGE, f"decode failed: {message}") from exc
         if getattr(img, "n_frames", 1) > 1:
             img.seek(0)
+        if img.getexif().get(_ORIENTATION) in _TRANSPOSING:  # record the displayed frame, which
+            width, height = height, width  # manifest boxes refer to and the crop is cut from
         img = ImageOps.exif_transpose(img)
         rgb = _to_rgb(img)
     phash = neardup.hash_to_hex(neardup.image_hash(rgb, hash_kind)) if hash_kind else None

@@ -102,8 +102,18 @@ def metadata_row(asset: Asset, key: str, shard: int, image_bytes: int) -> dict[s
         "source_height": asset.source_height,
         "source_size": asset.source_size,
         "image_bytes": image_bytes,
-        "extra_json": json.dumps(dict(e.extra), sort_keys=True),
+        "extra_json": extra_json(e),
     }
+
+
+def extra_json(entry) -> str:
+    """The manifest's extra fields as JSON, plus its validated `objects` when it has some
+    (where an unknown `objects` field went before the field was known; rows without boxes
+    give the same bytes as before)."""
+    extra = dict(entry.extra)
+    if entry.objects:
+        extra["objects"] = [o.to_json() for o in entry.objects]
+    return json.dumps(extra, sort_keys=True)
 
 
 def shard_name(index: int, kind: str = "images", ext: str = "tar") -> str:
@@ -236,7 +246,8 @@ def asset_from_sample(meta: dict[str, Any], jpeg: bytes) -> Asset:
     from manifests.schema import parse_entry
 
     fields = {k: meta.get(k) for k in ("asset_id", "uri", "license_id", "license_name", "license_url", "licensor",
-                                        "allowed_uses", "license_start", "license_expiry", "width", "height")}
+                                        "allowed_uses", "license_start", "license_expiry", "width", "height",
+                                        "objects")}
     fields["captions"] = meta.get("manifest_captions") or meta.get("captions") or []
     if meta.get("manifest_sha256"):
         fields["sha256"] = meta["manifest_sha256"]

@@ -1,11 +1,13 @@
 """A small token shard set, laid out exactly as the pipeline's `tokens` step writes it: a real
 byte-level BPE trained on the demo captions, random 4x4 VQ codes, 40 sequences (0-2 neighbours,
 text-first and image-first documents) in 3 shards sorted by key, plus an empty fourth shard (the
-pipeline writes one for a shard number that got no sequence)."""
+pipeline writes one for a shard number that got no sequence). `sft_token_shards` is the same set
+with the SFT shard set's optional `answer_start` column (where the main document begins)."""
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,8 +43,11 @@ def demo_captions() -> list[str]:
     return [c for r in rows for c in r.get("captions") or []]
 
 
-def build_token_shards(out: str, num_sequences: int = NUM_SEQUENCES, seed: int = 0) -> TokenShards:
-    """Write OUT/tokens-like files under `out` with the same functions the pipeline uses."""
+def build_token_shards(out: str, num_sequences: int = NUM_SEQUENCES, seed: int = 0,
+                       answer_start: bool = False) -> TokenShards:
+    """Write OUT/tokens-like files under `out` with the same functions the pipeline uses; with
+    `answer_start`, every 4th sequence's is 0 (no prompt) and the others' is where the main
+    document begins (the neighbours and `<break>`s are the prompt)."""
     captions = demo_captions()
     train_bpe(captions, vocab_size=800, out_path=f"{out}/text-bpe.json")
     vocab = JointVocab.from_components(f"{out}/text-bpe.json", num_image_codes=NUM_CODES)
@@ -60,17 +65,22 @@ def build_token_shards(out: str, num_sequences: int = NUM_SEQUENCES, seed: int =
             return build_document(vocab, vocab.text_to_ids(captions[(7 * j) % len(captions)]),
                                   rng.integers(0, NUM_CODES, (GRID, GRID)), fmt)
 
-        seq = build_sequence(vocab, [doc(j) for j in others], doc(i), fmt)
+        main = doc(i)
+        seq = build_sequence(vocab, [doc(j) for j in others], main, fmt)
         row = {"key": key, "main_asset_id": asset, "asset_ids": [asset] + [assets[j] for j in others],
                "roles": ["main"] + ["neighbour"] * len(others), "license_ids": ["CC-BY-2.0"] * (1 + len(others)),
                "licensors": ["flickr"] * (1 + len(others)), "neighbour_scores": [0.5] * len(others),
                "order": "image_first" if fmt.image_first else "text_first"}
+        if answer_start:
+            row["answer_start"] = 0 if i % 4 == 0 else len(seq) - len(main) - 1  # main, then eos
         shards[int(key, 16) % (NUM_SHARDS - 1)].append((key, seq, row))
         sequences[key], rows[key] = seq, row
     entries = []
     for number, members in shards.items():
         members.sort(key=lambda m: m[0])
         files, entry = encode_shard(number, [m[1] for m in members], [m[2] for m in members], vocab.dtype)
+        if answer_start:
+            files = _with_answer_start(files, number, [m[2]["answer_start"] for m in members])
         for name, data in files.items():
             write_bytes(f"{out}/{name}", data)
         entries.append(entry)
@@ -80,9 +90,35 @@ def build_token_shards(out: str, num_sequences: int = NUM_SEQUENCES, seed: int =
     return TokenShards(out, vocab, sequences, rows)
 
 
+def _with_answer_start(files: dict[str, bytes], shard: int, starts: list[int]) -> dict[str, bytes]:
+    """Make sure the provenance part carries `answer_start` as int32 (what the SFT writer adds)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    name = f"sequences.parquet/part-{shard:06d}.parquet"
+    table = pq.read_table(io.BytesIO(files[name]))
+    if "answer_start" in table.column_names:
+        assert table.column("answer_start").to_pylist() == starts and table.schema.field("answer_start").type == pa.int32()
+        return files
+    out = io.BytesIO()
+    pq.write_table(table.append_column("answer_start", pa.array(starts, type=pa.int32())), out)
+    return {**files, name: out.getvalue()}
+
+
 @pytest.fixture(scope="session")
 def token_shards(tmp_path_factory) -> TokenShards:
     return build_token_shards(str(tmp_path_factory.mktemp("tokens")))
+
+
+@pytest.fixture(scope="session")
+def tiny_token_shards(tmp_path_factory) -> TokenShards:
+    """4 sequences: a set small enough for the reference LM to memorise in seconds."""
+    return build_token_shards(str(tmp_path_factory.mktemp("tiny-tokens")), num_sequences=4)
+
+
+@pytest.fixture(scope="session")
+def sft_token_shards(tmp_path_factory) -> TokenShards:
+    return build_token_shards(str(tmp_path_factory.mktemp("sft-tokens")), answer_start=True)
 
 
 @pytest.fixture(scope="session")

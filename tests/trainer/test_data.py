@@ -403,3 +403,81 @@ def test_the_duckdb_queries_in_the_docs_run(token_shards):
     rows = duckdb.sql(doc_block("asset-sql").replace("OUT/tokens/sequences.parquet", parts).replace("ASSET", asset)).fetchall()
     having = {k: p["asset_ids"].index(asset) == 0 for k, p in token_shards.provenance.items() if asset in p["asset_ids"]}
     assert len(having) > 1 and {r[0]: r[3] for r in rows} == having  # as main once, as a neighbour elsewhere
+
+
+# held-out split ------------------------------------------------------------------------------
+def test_split_is_a_pure_function_of_the_key_disjoint_and_complete(token_shards):
+    from tokenizer.shards import is_heldout
+
+    every = TokenShardDataset(token_shards.dir, mask=None)
+    train = TokenShardDataset(token_shards.dir, mask=None, split="train")
+    held = TokenShardDataset(token_shards.dir, mask=None, split="heldout")
+    keys = {name: [d.key(i) for i in range(len(d))] for name, d in (("all", every), ("train", train), ("held", held))}
+    assert 0 < len(keys["held"]) < len(keys["train"])
+    assert not set(keys["train"]) & set(keys["held"])
+    assert sorted(keys["train"] + keys["held"]) == sorted(keys["all"])
+    assert keys["held"] == [k for k in keys["all"] if is_heldout(k)]  # the split every tool uses, in shard order
+    again = TokenShardDataset(token_shards.dir, mask=None, split="heldout")
+    assert [again.key(i) for i in range(len(again))] == keys["held"]
+    for i, key in enumerate(keys["held"]):  # the split's index i reads the right tokens
+        assert np.array_equal(held[i]["tokens"], token_shards.sequences[key])
+    with pytest.raises(ValueError, match="split"):
+        TokenShardDataset(token_shards.dir, split="test")
+
+
+def test_split_loader_sees_its_split_once_per_epoch_and_refuses_another_split(token_shards):
+    from tokenizer.shards import is_heldout
+
+    loader = ShardLoader(token_shards.dir, 4, seed=1, split="train", mask=None)
+    seen = [k for batch in run_epoch(loader) for k in batch["keys"]]
+    assert sorted(seen) == sorted(k for k in token_shards.sequences if not is_heldout(k))
+    state = loader.state_dict()
+    assert state["split"] == "train"
+    with pytest.raises(ValueError, match="split"):
+        ShardLoader(token_shards.dir, 4, seed=1, split="heldout", mask=None).load_state_dict(state)
+    with pytest.raises(ValueError, match="split"):
+        ShardLoader(token_shards.dir, 4, seed=1, mask=None).load_state_dict(state)
+
+
+# SFT: answer_start ---------------------------------------------------------------------------
+@pytest.mark.parametrize("mask", [None, MaskConfig()])
+@pytest.mark.parametrize("pack", [False, True])
+def test_no_loss_before_answer_start(sft_token_shards, mask, pack):
+    """Unmasked: weight 0 exactly before answer_start, 1 from it on. CM3-masked: the weighted
+    tokens are exactly the stored answer tokens (wherever masking moved them)."""
+    assert TokenShardDataset(sft_token_shards.dir).answer_starts.dtype == np.int32
+    loader = ShardLoader(sft_token_shards.dir, 8, seed=3, mask=mask, pack=pack, seq_len=512 if pack else None)
+    checked = with_prompt = 0
+    for batch in run_epoch(loader):
+        for key, (r, s, n) in zip(batch["keys"], zip(batch["rows"].tolist(), batch["starts"].tolist(),
+                                                         batch["lengths"].tolist())):
+            stored = sft_token_shards.sequences[key]
+            answer = sft_token_shards.provenance[key]["answer_start"]
+            weights, tokens = batch["loss_mask"][r, s : s + n].numpy(), batch["tokens"][r, s : s + n].numpy()
+            first = max(answer, 1)  # a document's first token never carries loss
+            if mask is None:
+                assert np.array_equal(weights, (np.arange(n) >= first).astype(np.float32))
+            else:
+                assert weights.sum() == len(stored) - first
+                assert sorted(tokens[weights == 1].tolist()) == sorted(stored[first:].tolist())
+            checked += 1
+            with_prompt += answer > 0
+    assert checked == len(sft_token_shards.sequences) and 0 < with_prompt < checked
+
+
+def test_shards_without_answer_start_keep_the_usual_loss_mask(token_shards, sft_token_shards):
+    assert TokenShardDataset(token_shards.dir).answer_starts is None
+    plain = ShardLoader(token_shards.dir, 8, seed=3, mask=None)
+    assert all(float(b["loss_mask"].sum()) == float((b["lengths"] - 1).sum()) for b in run_epoch(plain))
+
+
+def test_sft_copies_of_a_document_share_its_side_of_the_split():
+    from pipeline.stages.tokens import sft_key
+    from tokenizer.shards import is_heldout
+    from trainer.data import document_key
+
+    keys = [f"{i:016x}" for i in range(400)]
+    for key in keys:
+        copies = {sft_key(key, task, copy) for task in ("captioning", "generation") for copy in range(3)}
+        assert {document_key(k) for k in copies} == {key}
+    assert 10 < sum(is_heldout(document_key(sft_key(k, "generation", 0))) for k in keys) < 80  # ~10 % held out
