@@ -127,16 +127,24 @@ def demo_lm(cfg: RunConfig) -> str:
     from tokenizer.vocab import JointVocab
     from trainer.config import SampleConfig
     from trainer.sample import write_samples
-    from trainer.train import train_lm
+    from trainer.train import CHECKPOINT, read_checkpoint, train_lm
 
-    tokens = storage.join(cfg.out, "tokens")
-    result = train_lm(tokens, storage.join(cfg.out, "models", "lm"), cfg.train_lm)
+    tokens, lm_dir = storage.join(cfg.out, "tokens"), storage.join(cfg.out, "models", "lm")
+    checkpoint = storage.join(lm_dir, CHECKPOINT)
+    if storage.exists(checkpoint):  # a rerun of the demo continues its LM, unless the shards changed
+        from tokenizer.token_shards import load_tokens_index
+
+        if read_checkpoint(checkpoint)[1]["reader"]["index_sha256"] != load_tokens_index(tokens)[1]:
+            log.info("demo: the token shards changed since %s was trained; training it afresh", lm_dir)
+            storage.remove_tree(lm_dir)
+    result = train_lm(tokens, lm_dir, cfg.train_lm)
     vocab = JointVocab.load(storage.join(tokens, "vocab.json"), with_text=False)
     samples = write_samples(cfg.out, DEMO_CAPTION, str(demo_dir() / DEMO_IMAGE), SampleConfig(seed=cfg.seed))
+    num = (lambda v, spec=".3f": "n/a" if v is None else format(v, spec))  # noqa: E731 - a finished run resumed: no step
     lines = [
         f"reference LM ({cfg.train_lm.model}, {result['steps']} steps, {result['train_minutes']:.1f} min, "
-        f"{result['tokens_per_s']:.0f} tokens/s): loss {result['first_10pct_loss']:.3f} (first 10 % of steps) -> "
-        f"{result['last_10pct_loss']:.3f} (last 10 %), held-out {result['eval_loss']:.3f}, "
+        f"{num(result['tokens_per_s'], '.0f')} tokens/s): loss {num(result['first_10pct_loss'])} (first 10 % of "
+        f"steps) -> {num(result['last_10pct_loss'])} (last 10 %), held-out {num(result['eval_loss'])}, "
         f"ln(vocab) = {math.log(vocab.size):.3f}  ({result['out_dir']})",
         f"samples: {samples['image']['png']} (caption -> image, {samples['grid']} x {samples['grid']} codes), "
         f"{samples['caption']['txt']}: {samples['caption']['text']!r}  ({samples['out_dir']})",
@@ -351,7 +359,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             if beam_flags:
                 raise ConfigError(f"train-lm does not know {beam_flags} (see curate train-lm --help)")
-            result = train_lm_command(args, cfg)
+            try:
+                result = train_lm_command(args, cfg)
+            except ValueError as exc:  # e.g. a checkpoint from other shards: one line, not a traceback
+                print(f"curate train-lm: {exc}", file=sys.stderr)
+                return 2
             if int(os.environ.get("RANK", "0")) == 0:  # one summary under torchrun
                 print(json.dumps(result, indent=2))
             return 0

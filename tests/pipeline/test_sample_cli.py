@@ -94,3 +94,30 @@ def test_sample_caption_from_an_image_and_errors(run, capsys, tmp_path):
     assert "--retrieve needs --caption" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["sample", "--out", str(out), "--caption", CAPTION, "--image", str(PHOTO)])  # one or the other
+
+
+def test_demo_lm_continues_its_model_and_starts_afresh_when_the_shards_change(run, tmp_path):
+    import dataclasses
+    import shutil
+
+    from pipeline.cli import demo_lm
+    from pipeline.config import RunConfig
+    from trainer.config import TrainLMConfig
+
+    out = tmp_path / "out"
+    shutil.copytree(run["out"], out)
+    shutil.rmtree(out / "models" / "lm")
+    cfg = RunConfig(out=str(out), train_lm=TrainLMConfig(max_steps=2, global_batch_size=2, eval_batches=1,
+                                                         checkpoint_every=0, progress=False, num_threads=1))
+    summary = demo_lm(cfg)
+    assert "reference LM (cpu-tiny, 2 steps" in summary
+    assert len(list((out / "samples").glob("*.png"))) == 1 and len(list((out / "samples").glob("*.txt"))) == 1
+    weights = (out / "models" / "lm" / "lm.safetensors").read_bytes()
+    demo_lm(cfg)  # same shards: the same model continues (its budget is spent: nothing changes)
+    assert (out / "models" / "lm" / "lm.safetensors").read_bytes() == weights
+    index = json.loads((out / "tokens" / "index.json").read_text())
+    (out / "tokens" / "index.json").write_text(json.dumps({**index, "seed": 99}))  # another shard set
+    summary = demo_lm(dataclasses.replace(cfg, train_lm=dataclasses.replace(cfg.train_lm, max_steps=3)))
+    assert "3 steps" in summary  # no "cannot resume on a different data stream": trained afresh
+    steps = [json.loads(line)["step"] for line in (out / "models" / "lm" / "train-log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
