@@ -27,6 +27,7 @@ bench: install
 	$(BIN)/python benchmarks/clip.py throughput
 	$(BIN)/python benchmarks/clip.py index
 	$(BIN)/python benchmarks/vq.py
+	$(BIN)/python benchmarks/tokens.py
 	$(BIN)/python benchmarks/reader.py
 	$(BIN)/python benchmarks/train.py
 
