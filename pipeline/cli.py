@@ -306,7 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="curate", description="Licensed image-text corpus -> curated store -> CM3 token shards.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run every phase on the bundled demo corpus",
+    demo = sub.add_parser("demo", help="run every phase on the bundled demo corpus, train the reference LM for two "
+                                       "minutes and write one sample image and caption",
                           epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     demo.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")
     demo.add_argument("--until", choices=PHASES, default=PHASES[-1], help="last phase to run")
