@@ -33,11 +33,13 @@ ROOT = Path(__file__).resolve().parents[1]
 COCO = ROOT / "manifests" / "demo" / "coco.jsonl"
 
 
-def write_shards(out: str, sequences: int, shards: int = 4, seed: int = 0) -> JointVocab:
-    """`sequences` CM3 sequences in `shards` shards + vocab.json + index.json under `out`."""
+def write_shards(out: str, sequences: int, shards: int = 4, seed: int = 0, num_codes: int = 8192,
+                 text_vocab_size: int = 56_320) -> JointVocab:
+    """`sequences` CM3 sequences (2 neighbours + main, ~20-token captions, 32 x 32 images) in
+    `shards` shards + vocab.json + index.json under `out`; also used by benchmarks/train.py."""
     captions = [c for line in COCO.read_text().splitlines() if line.strip() for c in json.loads(line)["captions"]]
     train_bpe(captions, vocab_size=1000, out_path=f"{out}/text-bpe.json")
-    vocab = JointVocab.from_components(f"{out}/text-bpe.json", num_image_codes=8192, text_vocab_size=56_320)
+    vocab = JointVocab.from_components(f"{out}/text-bpe.json", num_image_codes=num_codes, text_vocab_size=text_vocab_size)
     vocab.save(f"{out}/vocab.json")
     rng = np.random.default_rng(seed)
     first_text = 6 + len(vocab.mask_ids)
@@ -46,7 +48,7 @@ def write_shards(out: str, sequences: int, shards: int = 4, seed: int = 0) -> Jo
         seqs, rows = [], []
         for i in range(shard, sequences, shards):
             docs = [build_document(vocab, rng.integers(first_text, vocab.bpe_size, int(rng.integers(10, 30))),
-                                   rng.integers(0, 8192, (32, 32)), CM3Format()) for _ in range(3)]
+                                   rng.integers(0, num_codes, (32, 32)), CM3Format()) for _ in range(3)]
             seqs.append(build_sequence(vocab, docs[:2], docs[2]))
             rows.append({"key": f"{i:016x}", "main_asset_id": f"bench-{i}", "asset_ids": [f"bench-{i}"]})
         files, entry = encode_shard(shard, seqs, rows, vocab.dtype)

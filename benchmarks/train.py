@@ -31,42 +31,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.storage import write_bytes
-from tokenizer.cm3 import CM3Format, build_document, build_sequence
-from tokenizer.text import train_bpe
-from tokenizer.token_shards import encode_shard, tokens_index
 from tokenizer.vocab import JointVocab
 from trainer.config import TrainLMConfig
 from trainer.data import TokenShardDataset, mask_overhead
 from trainer.model import CM3LM, get_lm_config
 from trainer.train import LOG, build_optimizer, train_lm, weighted_nll
 
-ROOT = Path(__file__).resolve().parents[1]
-COCO = ROOT / "manifests" / "demo" / "coco.jsonl"
 
 
 def write_demo_sized_shards(out: str, sequences: int, shards: int = 2, seed: int = 0) -> JointVocab:
     """`sequences` CM3 sequences of ~3,140 tokens with the demo's 3,072-id vocabulary."""
-    captions = [c for line in COCO.read_text().splitlines() if line.strip() for c in json.loads(line)["captions"]]
-    train_bpe(captions, vocab_size=1000, out_path=f"{out}/text-bpe.json")
-    vocab = JointVocab.from_components(f"{out}/text-bpe.json", num_image_codes=1024, text_vocab_size=2048)
-    vocab.save(f"{out}/vocab.json")
-    rng = np.random.default_rng(seed)
-    first_text = 6 + len(vocab.mask_ids)
-    entries = []
-    for shard in range(shards):
-        seqs, rows = [], []
-        for i in range(shard, sequences, shards):
-            docs = [build_document(vocab, rng.integers(first_text, vocab.bpe_size, int(rng.integers(10, 30))),
-                                   rng.integers(0, 1024, (32, 32)), CM3Format()) for _ in range(3)]
-            seqs.append(build_sequence(vocab, docs[:2], docs[2]))
-            rows.append({"key": f"{i:016x}", "main_asset_id": f"bench-{i}", "asset_ids": [f"bench-{i}"]})
-        files, entry = encode_shard(shard, seqs, rows, vocab.dtype)
-        for name, data in files.items():
-            write_bytes(f"{out}/{name}", data)
-        entries.append(entry)
-    write_bytes(f"{out}/index.json", tokens_index(entries, dtype=vocab.dtype.name))
-    return vocab
+    from reader import write_shards  # benchmarks/reader.py: this script runs from the same folder
+
+    return write_shards(out, sequences, shards, seed, num_codes=1024, text_vocab_size=2048)
 
 
 def trainer_seconds_per_step(tokens_dir: str, cfg: TrainLMConfig) -> float:
