@@ -10,7 +10,7 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip >/dev/null
 	$(BIN)/pip install -c constraints.txt -e '.[test]'
-	$(BIN)/python -c "import open_clip, torchvision, apache_beam, faiss, numba"
+	$(BIN)/python -c "import open_clip, torchvision, apache_beam, faiss, numba, aiohttp"
 	touch $@
 
 install: $(BIN)/.installed

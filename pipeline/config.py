@@ -47,16 +47,43 @@ class ValidateConfig:
             raise ConfigError("validate.max_captions must be >= 1")
 
 
+# fsspec filesystems whose implementation is a separate package: scheme -> (module, pip extra).
+# http(s) comes with the base install; the object stores with `pip install 'cm3curate[s3]'` etc.
+SCHEME_BACKENDS: dict[str, tuple[str, str | None]] = {
+    "http": ("aiohttp", None), "https": ("aiohttp", None),
+    "s3": ("s3fs", "s3"), "gs": ("gcsfs", "gcs"), "gcs": ("gcsfs", "gcs"), "az": ("adlfs", "azure"), "abfs": ("adlfs", "azure"),
+}
+DEFAULT_SCHEMES = ("file", "memory", "s3", "gs", "gcs", "az", "abfs", "http", "https")
+
+
+def missing_backend(scheme: str) -> str | None:
+    """None when fsspec can open `scheme://` URLs here; otherwise what to install, in one line."""
+    import importlib.util
+
+    module, extra = SCHEME_BACKENDS.get(scheme, (None, None))
+    if module is None or importlib.util.find_spec(module) is not None:
+        return None
+    if extra:
+        return f"{scheme}:// needs the {module} package: pip install 'cm3curate[{extra}]'"
+    return f"{scheme}:// needs the {module} package, a dependency of cm3curate: reinstall cm3curate"
+
+
+def url_scheme(url: str) -> str:
+    return url.split("://", 1)[0].lower() if "://" in url else "file"
+
+
 @dataclass(frozen=True)
 class FetchConfig:
     """Where bytes may come from and how hard to try.
 
     `allowed_roots` are URL prefixes; when empty, each manifest's own folder is the only
-    root, so a relative `uri` cannot escape it with `../`.
+    root, so a relative `uri` cannot escape it with `../`. `allowed_schemes` null means every
+    scheme of DEFAULT_SCHEMES whose backend is installed; a scheme listed explicitly whose
+    backend is missing is a config error, so no row is ever retried for want of a package.
     """
 
     allowed_roots: tuple[str, ...] = ()
-    allowed_schemes: tuple[str, ...] = ("file", "memory", "s3", "gs", "gcs", "az", "abfs", "http", "https")
+    allowed_schemes: tuple[str, ...] | None = None
     retries: int = 3
     backoff_s: float = 0.5
     max_backoff_s: float = 8.0
@@ -69,6 +96,16 @@ class FetchConfig:
             raise ConfigError("fetch: need 0 <= backoff_s <= max_backoff_s")
         if self.max_bytes <= 0:
             raise ConfigError("fetch.max_bytes must be positive")
+        for scheme in self.allowed_schemes or ():
+            why = missing_backend(scheme)
+            if why:
+                raise ConfigError(f"fetch.allowed_schemes lists {scheme!r}, but {why}")
+
+    def schemes(self) -> tuple[str, ...]:
+        """The schemes rows may use: the configured ones, or the installed defaults."""
+        if self.allowed_schemes is not None:
+            return tuple(self.allowed_schemes)
+        return tuple(s for s in DEFAULT_SCHEMES if missing_backend(s) is None)
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from manifests.policy import LicensePolicy, load_policy
 from pipeline import ledger, storage
-from pipeline.config import ConfigError, RunConfig
+from pipeline.config import ConfigError, RunConfig, missing_backend, url_scheme
 from pipeline.stages.base import REJECTED
 from pipeline.stages.dedup import DedupSemantic
 from pipeline.stages.ingest import count_manifest_rows, read_chunks
@@ -618,6 +618,10 @@ def run(cfg: RunConfig, until: str = PHASES[-1], beam_flags: Sequence[str] = ())
     if cfg.tokens.k > cfg.neighbours.k:
         raise ConfigError(f"tokens.k is {cfg.tokens.k} but the neighbour table holds neighbours.k = "
                           f"{cfg.neighbours.k} per document: raise neighbours.k or lower tokens.k")
+    for what, url in [*(("manifest", m) for m in cfg.manifests), ("policy", cfg.policy), ("out", cfg.out)]:
+        why = missing_backend(url_scheme(url))
+        if why:  # before any row is read, not a failure per row
+            raise ConfigError(f"{what} {url}: {why}")
     policy = load_policy(cfg.policy)
     digests = {url: storage.file_sha256(url) for url in cfg.manifests}
     ctx = RunContext(cfg, policy, beam_options(cfg, beam_flags))

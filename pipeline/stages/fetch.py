@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 
 import fsspec
 
-from pipeline.config import FetchConfig
+from pipeline.config import FetchConfig, missing_backend
 from pipeline.records import Asset, RejectReason
 from pipeline.stages.base import Reject, StageDoFn
 
@@ -52,7 +52,9 @@ def is_allowed(url: str, roots: tuple[str, ...], schemes: tuple[str, ...]) -> tu
     """True when `url` uses an allowed scheme and lies under one of `roots` (after `..`/symlinks)."""
     scheme, path = split_url(url)
     if scheme not in schemes:
-        return False, f"scheme {scheme!r} is not in allowed_schemes"
+        why = missing_backend(scheme)
+        return False, (f"scheme {scheme!r} has no backend installed here: {why}" if why
+                       else f"scheme {scheme!r} is not in allowed_schemes")
     for root in roots:
         root_scheme, root_path = split_url(root)
         if root_scheme != scheme:
@@ -142,7 +144,7 @@ class FetchImages(StageDoFn):
     def handle(self, asset: Asset) -> Asset:
         url = resolve_uri(asset.entry.uri, asset.manifest_uri)
         roots = self.cfg.allowed_roots or (manifest_root(asset.manifest_uri),)
-        ok, why = is_allowed(url, roots, self.cfg.allowed_schemes)
+        ok, why = is_allowed(url, roots, self.cfg.schemes())
         if not ok:
             raise Reject(RejectReason.URI_NOT_ALLOWED, why)
         data = read_bytes(url, self.cfg)

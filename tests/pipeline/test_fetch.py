@@ -2,6 +2,7 @@
 
 import hashlib
 import os
+from pathlib import Path
 
 import fsspec
 import pytest
@@ -12,6 +13,8 @@ from pipeline.config import FetchConfig
 from pipeline.records import Asset, RejectReason
 from pipeline.stages.base import Reject
 from pipeline.stages.fetch import FetchImages, is_allowed, read_bytes, resolve_uri
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class FlakyFileSystem(MemoryFileSystem):
@@ -60,7 +63,7 @@ def test_relative_uri_resolves_against_manifest_folder(tmp_path):
 ])
 def test_allowed_roots(url, ok):
     roots = ("/data/v1", "https://cdn.vendor.com/v1/")
-    assert is_allowed(url, roots, FetchConfig().allowed_schemes)[0] is ok
+    assert is_allowed(url, roots, FetchConfig().schemes())[0] is ok
 
 
 def test_symlink_escape_is_refused(tmp_path):
@@ -141,3 +144,88 @@ def test_fetch_stage_checksum_and_roots(tmp_path):
     with pytest.raises(Reject) as err:
         fetch.handle(asset_for("../a.jpg", manifest))
     assert err.value.reason == RejectReason.URI_NOT_ALLOWED
+
+
+# -- backends: http(s) in the base install, object stores as extras --------------------------------
+
+
+@pytest.fixture()
+def http_server(tmp_path):
+    """A loopback HTTP server over `tmp_path` that counts the requests for each path."""
+    import functools
+    import http.server
+    import threading
+
+    hits: dict[str, int] = {}
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the stdlib's name
+            hits[self.path] = hits.get(self.path, 0) + 1
+            super().do_GET()
+
+        def log_message(self, *args):  # keep the test output clean
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(tmp_path)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield {"url": f"http://127.0.0.1:{server.server_address[1]}", "dir": tmp_path, "hits": hits}
+    server.shutdown()
+    server.server_close()
+
+
+def test_http_works_on_the_base_install_and_a_404_is_not_retried(http_server):
+    photo = sorted((ROOT / "manifests" / "demo" / "images").glob("*.jpg"))[0]
+    (http_server["dir"] / "a.jpg").write_bytes(photo.read_bytes())
+    cfg = FetchConfig(retries=3, backoff_s=0.0)
+    assert {"http", "https"} <= set(cfg.schemes())
+    assert read_bytes(f"{http_server['url']}/a.jpg", cfg) == photo.read_bytes()
+    with pytest.raises(Reject) as rej:
+        read_bytes(f"{http_server['url']}/missing.jpg", cfg)
+    assert rej.value.reason == RejectReason.FILE_NOT_FOUND
+    assert http_server["hits"]["/missing.jpg"] == 1  # permanent: one request, no retries
+
+
+def test_http_delivery_through_a_real_run(http_server, tmp_path):
+    import json
+
+    from pipeline import ledger
+    from pipeline.config import AlignConfig, RunConfig
+    from pipeline.run import run
+
+    allowed = {"CC-BY-2.0", "CC-BY-SA-2.0", "CC-BY-NC-2.0", "CC-BY-NC-SA-2.0"}  # the demo policy's
+    rows = [json.loads(line) for line in (ROOT / "manifests" / "demo" / "coco.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if r["license_id"] in allowed][:3]
+    for r in rows:
+        (http_server["dir"] / os.path.basename(r["uri"])).write_bytes((ROOT / "manifests" / "demo" / r["uri"]).read_bytes())
+        r["uri"] = f"{http_server['url']}/{os.path.basename(r['uri'])}"
+    rows.append({**rows[0], "asset_id": "gone", "uri": f"{http_server['url']}/gone.jpg", "sha256": None})
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = RunConfig(manifests=(str(manifest),), policy=str(ROOT / "manifests" / "demo" / "policy.yaml"),
+                    out=str(tmp_path / "out"), align=AlignConfig(enabled=False),
+                    fetch=FetchConfig(allowed_roots=(http_server["url"] + "/",)))
+    run(cfg, until="curated", beam_flags=["--direct_running_mode=in_memory", "--direct_num_workers=1"])
+    by_id = {r["asset_id"]: r for r in ledger.read_ledger(str(tmp_path / "out")).to_pylist()}
+    assert by_id["gone"]["reason"] == "FILE_NOT_FOUND" and http_server["hits"]["/gone.jpg"] == 1
+    assert [by_id[r["asset_id"]]["status"] for r in rows[:3]] == ["kept"] * 3  # fetched over http, decoded, kept
+    assert all(http_server["hits"][f"/{os.path.basename(r['uri'])}"] == 1 for r in rows[:3])
+
+
+def test_a_scheme_without_its_backend_is_a_config_error_not_a_retry(tmp_path):
+    from pipeline.config import ConfigError, RunConfig, missing_backend
+    from pipeline.run import run
+
+    missing = [s for s in ("s3", "gs", "az") if missing_backend(s)]
+    if not missing:
+        pytest.skip("every object-store backend is installed here")  # a dev box with cm3curate[all]
+    scheme = missing[0]
+    assert scheme not in FetchConfig().schemes()  # the default never allows a scheme it cannot open
+    with pytest.raises(ConfigError, match=rf"fetch.allowed_schemes lists '{scheme}'.*pip install 'cm3curate\["):
+        FetchConfig(allowed_schemes=("file", scheme))
+    ok, why = is_allowed(f"{scheme}://bucket/a.jpg", (f"{scheme}://bucket",), FetchConfig().schemes())
+    assert not ok and "pip install 'cm3curate[" in why  # a row using it: a clear reason, at once
+    cfg = RunConfig(manifests=(f"{scheme}://vendor/manifest.jsonl",), policy=str(ROOT / "manifests" / "demo" / "policy.yaml"),
+                    out=str(tmp_path / "out"))
+    with pytest.raises(ConfigError, match=rf"manifest {scheme}://vendor/manifest.jsonl: {scheme}:// needs"):
+        run(cfg, until="curated")
