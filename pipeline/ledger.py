@@ -168,6 +168,26 @@ def rewrite_ledger(out: str, table: pa.Table) -> None:
             storage.remove_tree(url)
 
 
+def update_statuses(out: str, stage: str, reject: dict[str, tuple[str, str]] | None = None,
+                   restore: bool = False) -> int:
+    """Rejections a later step makes, by asset key: `reject` maps key -> (reason, detail) for
+    kept rows. `restore` first turns this stage's earlier rejections back into kept rows (a
+    rerun with another config decides afresh). Rewrites the ledger only when something changed."""
+    rows = read_ledger(out).to_pylist()
+    changed = 0
+    for row in rows:
+        if restore and row["status"] == "rejected" and row["stage"] == stage:
+            row.update(status="kept", stage="curated", reason=None, detail=None)
+            changed += 1
+        if reject and row["status"] == "kept" and row["key"] in reject:
+            reason, detail = reject[row["key"]]
+            row.update(status="rejected", stage=stage, reason=reason, detail=detail[:2000])
+            changed += 1
+    if changed:
+        rewrite_ledger(out, pa.Table.from_pylist(rows, schema=LEDGER_SCHEMA))
+    return changed
+
+
 @dataclass(frozen=True)
 class LedgerSummary:
     rows_in: int

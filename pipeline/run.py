@@ -371,44 +371,22 @@ def step_encode(ctx: RunContext):
     counters = {f"encode/{k}": int(v) for k, v in result["counters"].items()}
     failed = _encode_failures(ctx.path("codes", "encode-rejected.jsonl"))
     if failed:
-        _update_ledger(ctx.out, "encode", reject={k: ("ERROR", v) for k, v in failed.items()})
+        ledger.update_statuses(ctx.out, "encode", reject={k: ("ERROR", v) for k, v in failed.items()})
     return counters, {"files": len(result["files"]), "rejected": len(failed)}
 
 
-def _encode_failures(url: str) -> dict[str, str]:
+def _jsonl_rows(url: str) -> list[dict[str, Any]]:
+    """The rows of a step's JSONL work file (rejections it hands to the ledger); none if absent."""
     if not storage.exists(url):
-        return {}
+        return []
     import fsspec
 
-    failures = {}
     with fsspec.open(url, "rt") as handle:
-        for line in handle:
-            if line.strip():
-                row = json.loads(line)
-                failures[row["key"]] = f"{row['stage']}: {row['detail']}"
-    return failures
+        return [json.loads(line) for line in handle if line.strip()]
 
 
-def _update_ledger(out: str, stage: str, reject: dict[str, tuple[str, str]] | None = None,
-                   restore: bool = False) -> int:
-    """Rejections a later step makes, by asset key: `reject` maps key -> (reason, detail) for
-    kept rows. `restore` first turns this stage's earlier rejections back into kept rows (a
-    rerun with another config decides afresh). Rewrites the ledger only when something changed."""
-    rows = ledger.read_ledger(out).to_pylist()
-    changed = 0
-    for row in rows:
-        if restore and row["status"] == "rejected" and row["stage"] == stage:
-            row.update(status="kept", stage="curated", reason=None, detail=None)
-            changed += 1
-        if reject and row["status"] == "kept" and row["key"] in reject:
-            reason, detail = reject[row["key"]]
-            row.update(status="rejected", stage=stage, reason=reason, detail=detail[:2000])
-            changed += 1
-    if changed:
-        import pyarrow as pa
-
-        ledger.rewrite_ledger(out, pa.Table.from_pylist(rows, schema=ledger.LEDGER_SCHEMA))
-    return changed
+def _encode_failures(url: str) -> dict[str, str]:
+    return {row["key"]: f"{row['stage']}: {row['detail']}" for row in _jsonl_rows(url)}
 
 
 # ----------------------------------------------------------------------------- step: index
@@ -495,7 +473,7 @@ def step_tokens(ctx: RunContext):
     cfg = ctx.cfg.tokens
     tokens = ctx.path("tokens")
     dtype, extra = _shard_set_start(ctx, tokens)
-    restored = _update_ledger(ctx.out, "tokens", restore=True)
+    restored = ledger.update_statuses(ctx.out, "tokens", restore=True)
     curated = storage.read_json(ctx.path("curated", "index.json"))["samples"]
     num_shards = max(1, math.ceil(curated / cfg.sequences_per_shard))
     extra.update({
@@ -503,15 +481,8 @@ def step_tokens(ctx: RunContext):
         "k": cfg.k, "max_tokens": cfg.max_tokens, "order": cfg.order, "seed": ctx.cfg.seed,
     })
     counters = run_beam(lambda p: build_tokens_graph(p, ctx, num_shards, dtype, extra), ctx.options)
-    too_long = {}
-    import fsspec
-
-    with fsspec.open(ctx.path(TOO_LONG), "rt") as handle:
-        for line in handle:
-            if line.strip():
-                row = json.loads(line)
-                too_long[row["key"]] = ("SEQUENCE_TOO_LONG", row["detail"])
-    _update_ledger(ctx.out, "tokens", reject=too_long)
+    too_long = {row["key"]: ("SEQUENCE_TOO_LONG", row["detail"]) for row in _jsonl_rows(ctx.path(TOO_LONG))}
+    ledger.update_statuses(ctx.out, "tokens", reject=too_long)
     storage.remove_tree(ctx.path(TOO_LONG))
     index = storage.read_json(storage.join(tokens, "index.json"))
     kept = sum(1 for status in ledger.read_ledger(ctx.out).column("status").to_pylist() if status == "kept")

@@ -1,7 +1,7 @@
 """A small token shard set, laid out exactly as the pipeline's `tokens` step writes it: a real
 byte-level BPE trained on the demo captions, random 4x4 VQ codes, 40 sequences (0-2 neighbours,
 text-first and image-first documents) in 3 shards sorted by key, plus an empty fourth shard (the
-pipeline writes one for a shard number that got no sequence). `sft_token_shards` is the same set
+pipeline writes none, but a reader must cope with one from any writer). `sft_token_shards` is the same set
 with the SFT shard set's optional `answer_start` column (where the main document begins)."""
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from pathlib import Path
 import fsspec
 import numpy as np
 import pytest
+
+import torch
 
 from pipeline.storage import write_bytes
 from tokenizer.cm3 import CM3Format, build_document, build_sequence
@@ -131,3 +133,13 @@ def memory_token_shards(token_shards) -> str:
             memory.pipe(f"/trainer-tests/tokens/{path.relative_to(token_shards.dir)}", path.read_bytes())
     yield url
     memory.rm("/trainer-tests", recursive=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """One intra-op thread: tiny matrices on a shared 2-core box (a second thread only waits),
+    and bit-identical comparisons need the same thread count in every run."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -22,13 +22,6 @@ DOCS = Path(__file__).resolve().parents[2] / "docs" / "shards.md"
 GBS = 6  # 40 sequences -> 6 full global batches and a partial one of 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def run_epoch(loader: ShardLoader) -> list[dict]:
     return [batch for batch in loader]

@@ -45,13 +45,6 @@ RESOLUTION = 16  # TINY_VQ is f4: 16 px -> 4 x 4 codes
 CAPTION = "a dog running on the beach"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices on a shared 2-core box: a second thread only waits
-    yield
-    torch.set_num_threads(before)
-
 
 def tiny_lm(vocab_size: int, seed: int = 0) -> CM3LM:
     """Random init, wide enough (std 0.3, not 0.02) that next-token logits depend on the prompt:

@@ -30,14 +30,6 @@ BASE = TrainLMConfig(max_steps=30, lr=3e-3, warmup_steps=5, eval_every=0, checkp
                      num_threads=1)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Bit-identical comparisons need the same intra-op thread count in every run."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def weights(out: Path) -> dict[str, torch.Tensor]:
     return load_lm(str(out)).state_dict()
