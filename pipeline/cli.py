@@ -10,8 +10,16 @@ from importlib import resources
 from pathlib import Path
 from typing import Sequence
 
-from pipeline.config import ConfigError, RunConfig, load_config
-from pipeline.run import PHASES, RunReport, run
+
+def _beam_import_noise(record: logging.LogRecord) -> bool:
+    """Beam's GCP module warns on import that an optional client (apitools) is missing."""
+    return "apitools not found" not in record.getMessage()
+
+
+logging.getLogger().addFilter(_beam_import_noise)  # before Beam is imported below
+
+from pipeline.config import ConfigError, RunConfig, load_config  # noqa: E402
+from pipeline.run import PHASES, RunReport, run  # noqa: E402 - after the filter above
 
 log = logging.getLogger("curate")
 
@@ -374,7 +382,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = train_model(args.command.split("-", 1)[1], cfg, training_shards(args, cfg.out))
             print(json.dumps({k: v for k, v in result.items() if isinstance(v, (int, float, str, bool))}, indent=2))
             return 0
-        report = run(cfg, until=args.until, beam_flags=beam_flags)
+        report = run(cfg, until=args.until, beam_flags=beam_flags, progress=True, logs_to_file=not args.verbose)
         extra = demo_lm(cfg) if args.command == "demo" and args.until == PHASES[-1] else None
     except ConfigError as exc:
         print(f"curate: configuration error: {exc}", file=sys.stderr)

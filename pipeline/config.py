@@ -88,8 +88,23 @@ class FetchConfig:
     backoff_s: float = 0.5
     max_backoff_s: float = 8.0
     max_bytes: int = 64 * 1024 * 1024
+    concurrency: int = 16  # objects fetched at once by each worker (threads), overlapping waits with decode
+    max_bytes_in_flight: int = 256 * 1024 * 1024  # fetched, not yet decoded: no new fetch starts above this
+    connect_timeout_s: float = 10.0
+    read_timeout_s: float = 30.0  # the longest silence while reading
+    timeout_s: float = 120.0  # one attempt, from request to last byte, redirects included
+    max_redirects: int = 5  # each hop is checked against the allowed roots again
 
     def __post_init__(self) -> None:
+        if not 1 <= self.concurrency <= 1024:
+            raise ConfigError("fetch.concurrency must be in [1, 1024]")
+        if self.max_bytes_in_flight <= 0:
+            raise ConfigError("fetch.max_bytes_in_flight must be positive")
+        for name in ("connect_timeout_s", "read_timeout_s", "timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"fetch.{name} must be positive")
+        if not 0 <= self.max_redirects <= 20:
+            raise ConfigError("fetch.max_redirects must be in [0, 20]")
         if self.retries < 0 or self.retries > 20:
             raise ConfigError("fetch.retries must be in [0, 20]")
         if self.backoff_s < 0 or self.max_backoff_s < self.backoff_s:

@@ -58,7 +58,7 @@ def _license_fields(entry) -> dict[str, Any]:
         "license_url": entry.license_url,
         "licensor": entry.licensor,
         "license_expiry": entry.license_expiry.isoformat() if entry.license_expiry else None,
-        "uri": entry.uri,
+        "uri": storage.redact_url(entry.uri),  # no credentials in the ledger
     }
 
 

@@ -34,6 +34,8 @@ class RejectReason(str, enum.Enum):
     # fetch
     URI_NOT_ALLOWED = "URI_NOT_ALLOWED"
     FILE_NOT_FOUND = "FILE_NOT_FOUND"
+    ACCESS_DENIED = "ACCESS_DENIED"  # HTTP 401/403, a permission error: not retried
+    NOT_A_FILE = "NOT_A_FILE"  # a directory, FIFO, socket or device: not read, not retried
     FETCH_FAILED = "FETCH_FAILED"
     CHECKSUM_MISMATCH = "CHECKSUM_MISMATCH"
     # decode

@@ -22,6 +22,7 @@ it again, and since outputs are deterministic the result equals an uninterrupted
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
@@ -32,13 +33,14 @@ import platform
 import time
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence, TextIO
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from manifests.policy import LicensePolicy, load_policy
 from pipeline import ledger, storage
+from pipeline.progress import Monitor, Progress, counted
 from pipeline.config import ConfigError, RunConfig, missing_backend, url_scheme
 from pipeline.stages.base import REJECTED
 from pipeline.stages.dedup import DedupSemantic
@@ -75,6 +77,8 @@ class RunContext:
     policy: LicensePolicy
     options: PipelineOptions
     config_hash: str = ""  # the running step's chained config hash (recorded in its outputs)
+    show_progress: bool = False  # a live bar per Beam step on stderr (pipeline/progress.py)
+    logs_to_file: bool = False  # Beam's own logs to OUT/_logs/<step>.log instead of the console
 
     @property
     def out(self) -> str:
@@ -82,6 +86,61 @@ class RunContext:
 
     def path(self, *parts: str) -> str:
         return storage.join(self.cfg.out, *parts)
+
+    @contextlib.contextmanager
+    def beam_step(self, step: str, total: int | None, unit: str = "rows") -> Iterator[Progress | None]:
+        """While a Beam step runs: its log in OUT/_logs/<step>.log (with `logs_to_file`), and the
+        `Progress` its workers tick, drawn as a bar on the console (with `show_progress`)."""
+        with contextlib.ExitStack() as stack:
+            console = stack.enter_context(stderr_to_log(self.path(LOGS, f"{step}.log"))) if self.logs_to_file else None
+            if self.show_progress:
+                yield stack.enter_context(Monitor(step, total, unit, stream=console)).progress
+            else:
+                yield None
+
+
+@contextlib.contextmanager
+def stderr_to_log(url: str, tail_lines: int = 25) -> Iterator[TextIO]:
+    """Send this process's stderr (file descriptor 2, which the local runner's worker
+    processes inherit) to the log `url` while the block runs; yields a stream on the console.
+
+    Beam's runner and SDK harness log tens of INFO/WARNING lines per pipeline; they belong in
+    the run's folder, not on the user's screen. If the block fails, the log's last lines are
+    printed to the console with its path. A remote `url` is written locally, then uploaded.
+    """
+    import sys
+    import tempfile
+
+    remote = "://" in url and not url.startswith("file://")
+    local = tempfile.mkstemp(prefix="cm3curate-", suffix=".log")[1] if remote else url.removeprefix("file://")
+    if not remote:
+        os.makedirs(os.path.dirname(local) or ".", exist_ok=True)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    fd = os.open(local, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 2)
+    os.close(fd)
+    console = os.fdopen(os.dup(saved), "w", buffering=1)
+    os.write(2, f"=== {dt.datetime.now(dt.timezone.utc).isoformat()} pid {os.getpid()} ===\n".encode())
+    failed = False
+    try:
+        yield console
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        if failed:
+            with open(local, errors="replace") as handle:
+                tail = handle.readlines()[-tail_lines:]
+            console.write(f"--- the last lines of {url} ---\n{''.join(tail)}---\n")
+        console.close()
+        if remote:
+            with open(local, "rb") as handle:
+                storage.write_bytes(url, handle.read())
+            os.unlink(local)
 
 
 @dataclass(frozen=True)
@@ -151,6 +210,7 @@ def run_beam(build: Callable[[beam.Pipeline], None], options: PipelineOptions) -
 # ----------------------------------------------------------------------------- paths
 
 WORK = "_work"
+LOGS = "_logs"
 PREPARED = "_work/prepared"
 STAGING = "_work/staging"
 SLICES = "_work/slices"
@@ -168,7 +228,7 @@ def clip_config(ctx: RunContext):
 # ----------------------------------------------------------------------------- step: prepare
 
 
-def build_prepare_graph(p: beam.Pipeline, ctx: RunContext) -> None:
+def build_prepare_graph(p: beam.Pipeline, ctx: RunContext, progress: Progress | None = None) -> None:
     """A–B: manifests -> validated, licensed, fetched, decoded, deduplicated assets.
 
     Per-row work runs in chunks that never leave their worker; only compact records reach
@@ -185,7 +245,8 @@ def build_prepare_graph(p: beam.Pipeline, ctx: RunContext) -> None:
         | "ReadChunks" >> beam.FlatMap(read_chunks, cfg.curated.chunk_rows)
         | "Rebalance" >> beam.Reshuffle()
         | "ProcessChunks" >> beam.ParDo(prepare.ProcessChunk(
-            cfg.validate, ctx.policy, cfg.fetch, cfg.decode, dataclasses.replace(cfg.dedup, semantic=False), work))
+            cfg.validate, ctx.policy, cfg.fetch, cfg.decode, dataclasses.replace(cfg.dedup, semantic=False), work,
+            progress))
     )
     plan = (
         summaries
@@ -220,7 +281,9 @@ def _write_ledger(kept, rejections, out: str, stage: str, earlier=None) -> None:
 
 
 def step_prepare(ctx: RunContext):
-    counters = run_beam(lambda p: build_prepare_graph(p, ctx), ctx.options)
+    rows = sum(count_manifest_rows(url) for url in ctx.cfg.manifests)
+    with ctx.beam_step("prepare", rows) as progress:
+        counters = run_beam(lambda p: build_prepare_graph(p, ctx, progress), ctx.options)
     for work in (STAGING, SLICES, DECISIONS):
         storage.remove_tree(ctx.path(work))
     index = storage.read_json(ctx.path(PREPARED, "index.json"))
@@ -260,7 +323,7 @@ def _earlier_rejections(prepared_ledger_dir: str):
                     yield row
 
 
-def build_align_graph(p: beam.Pipeline, ctx: RunContext) -> None:
+def build_align_graph(p: beam.Pipeline, ctx: RunContext, progress: Progress | None = None) -> None:
     """C: score every prepared asset with CLIP, filter, (semantic dedup), write the store."""
     from pipeline.stages.align import FilterAlignment, KeptEmbeddings, ScoreAlignment, WriteEmbeddings
 
@@ -270,7 +333,7 @@ def build_align_graph(p: beam.Pipeline, ctx: RunContext) -> None:
         | "EarlierRejections" >> beam.FlatMap(_earlier_rejections)
     curated = ctx.path("curated")
     align_cfg = dataclasses.replace(cfg.align, clip=clip_config(ctx))
-    scored = assets | "ScoreAlignment" >> ScoreAlignment(align_cfg)
+    scored = counted(assets, progress) | "ScoreAlignment" >> ScoreAlignment(align_cfg)
     staged = scored.kept | "StageImages" >> beam.ParDo(StageImages(ctx.path(STAGING)))
     filtered = staged | "FilterAlignment" >> FilterAlignment(align_cfg)
     kept = filtered.kept
@@ -301,7 +364,9 @@ def step_align(ctx: RunContext):
         _copy_prepared(ctx)
         index = storage.read_json(ctx.path("curated", "index.json"))
         return {}, {"samples": index["samples"], "shards": len(index["shards"]), "clip_weights": None}
-    counters = run_beam(lambda p: build_align_graph(p, ctx), ctx.options)
+    samples = storage.read_json(ctx.path(PREPARED, "index.json"))["samples"]
+    with ctx.beam_step("align", samples, "images") as progress:
+        counters = run_beam(lambda p: build_align_graph(p, ctx, progress), ctx.options)
     storage.remove_tree(ctx.path(STAGING))
     index = storage.read_json(ctx.path("curated", "index.json"))
     return counters, {"samples": index["samples"], "shards": len(index["shards"]),
@@ -366,8 +431,10 @@ def step_encode(ctx: RunContext):
     from pipeline.stages.encode import encode_curated_store
 
     vq = ctx.cfg.vq
-    result = encode_curated_store(ctx.path("curated"), ctx.path("models", "vq", "vq.safetensors"), ctx.path("codes"),
-                                  ctx.options, batch_size=vq.encode_batch_size, device=vq.device)
+    samples = storage.read_json(ctx.path("curated", "index.json"))["samples"]
+    with ctx.beam_step("encode", samples, "images") as progress:
+        result = encode_curated_store(ctx.path("curated"), ctx.path("models", "vq", "vq.safetensors"), ctx.path("codes"),
+                                      ctx.options, batch_size=vq.encode_batch_size, device=vq.device, progress=progress)
     counters = {f"encode/{k}": int(v) for k, v in result["counters"].items()}
     failed = _encode_failures(ctx.path("codes", "encode-rejected.jsonl"))
     if failed:
@@ -392,12 +459,12 @@ def _encode_failures(url: str) -> dict[str, str]:
 # ----------------------------------------------------------------------------- step: index
 
 
-def build_neighbours_graph(p: beam.Pipeline, ctx: RunContext) -> None:
+def build_neighbours_graph(p: beam.Pipeline, ctx: RunContext, progress: Progress | None = None) -> None:
     from pipeline.stages.index import ComputeNeighbours, NeighboursConfig, ReadEmbeddingRows, WriteNeighbours
 
     cfg = NeighboursConfig(index_dir=ctx.path("index"), rules=ctx.cfg.neighbours, clip=clip_config(ctx))
     pattern = storage.join(ctx.path("curated"), "embeddings-*.parquet")
-    _ = (p | "ReadEmbeddings" >> ReadEmbeddingRows(pattern)
+    _ = (counted(p | "ReadEmbeddings" >> ReadEmbeddingRows(pattern), progress)
          | "ComputeNeighbours" >> ComputeNeighbours(cfg)
          | "WriteNeighbours" >> WriteNeighbours(ctx.path("index")))
 
@@ -409,7 +476,9 @@ def step_index(ctx: RunContext):
     if not urls:
         raise RuntimeError("no embeddings to index: the curated store is empty")
     info = build_index_from_embeddings(urls, ctx.path("index"), ctx.cfg.index)
-    counters = run_beam(lambda p: build_neighbours_graph(p, ctx), ctx.options)
+    samples = storage.read_json(ctx.path("curated", "index.json"))["samples"]
+    with ctx.beam_step("index", samples, "documents") as progress:
+        counters = run_beam(lambda p: build_neighbours_graph(p, ctx, progress), ctx.options)
     return counters, {k: v for k, v in info.items() if isinstance(v, (int, float, str, bool))}
 
 
@@ -454,7 +523,8 @@ def _shard_set_start(ctx: RunContext, folder: str) -> tuple[str, dict[str, Any]]
     return token_shards.shard_dtype(vocab.size).name, extra
 
 
-def build_tokens_graph(p: beam.Pipeline, ctx: RunContext, num_shards: int, dtype: str, extra: dict[str, Any]) -> None:
+def build_tokens_graph(p: beam.Pipeline, ctx: RunContext, num_shards: int, dtype: str, extra: dict[str, Any],
+                       progress: Progress | None = None) -> None:
     from pipeline.stages.tokens import WriteTokenShards
 
     inputs = _read_documents(p, ctx)
@@ -462,7 +532,7 @@ def build_tokens_graph(p: beam.Pipeline, ctx: RunContext, num_shards: int, dtype
         storage.join(ctx.path("index"), "neighbours-*.parquet"))
     _ = inputs | "WriteTokenShards" >> WriteTokenShards(
         ctx.cfg.tokens, ctx.path("tokens", "vocab.json"), ctx.path("tokens"), ctx.path(TOO_LONG), ctx.cfg.seed,
-        num_shards, dtype, extra)
+        num_shards, dtype, extra, progress)
 
 
 def step_tokens(ctx: RunContext):
@@ -480,7 +550,8 @@ def step_tokens(ctx: RunContext):
         "layout": "[bos] neighbour_1 <break> ... neighbour_k <break> main [eos]",
         "k": cfg.k, "max_tokens": cfg.max_tokens, "order": cfg.order, "seed": ctx.cfg.seed,
     })
-    counters = run_beam(lambda p: build_tokens_graph(p, ctx, num_shards, dtype, extra), ctx.options)
+    with ctx.beam_step("tokens", curated, "documents") as progress:
+        counters = run_beam(lambda p: build_tokens_graph(p, ctx, num_shards, dtype, extra, progress), ctx.options)
     too_long = {row["key"]: ("SEQUENCE_TOO_LONG", row["detail"]) for row in _jsonl_rows(ctx.path(TOO_LONG))}
     ledger.update_statuses(ctx.out, "tokens", reject=too_long)
     storage.remove_tree(ctx.path(TOO_LONG))
@@ -576,8 +647,11 @@ def _digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def run(cfg: RunConfig, until: str = PHASES[-1], beam_flags: Sequence[str] = ()) -> RunReport:
-    """Run the steps of every phase up to `until`, skipping those already complete."""
+def run(cfg: RunConfig, until: str = PHASES[-1], beam_flags: Sequence[str] = (), progress: bool = False,
+        logs_to_file: bool = False) -> RunReport:
+    """Run the steps of every phase up to `until`, skipping those already complete. With
+    `progress`, each Beam step draws a live bar (rows done / total, rate, ETA) on stderr; with
+    `logs_to_file`, Beam's logs go to OUT/_logs/<step>.log (the CLI does both, unless -v)."""
     if not cfg.manifests:
         raise ConfigError("no manifests: pass --manifest URL or set `manifests` in the config")
     if not cfg.policy:
@@ -595,7 +669,7 @@ def run(cfg: RunConfig, until: str = PHASES[-1], beam_flags: Sequence[str] = ())
             raise ConfigError(f"{what} {url}: {why}")
     policy = load_policy(cfg.policy)
     digests = {url: storage.file_sha256(url) for url in cfg.manifests}
-    ctx = RunContext(cfg, policy, beam_options(cfg, beam_flags))
+    ctx = RunContext(cfg, policy, beam_options(cfg, beam_flags), show_progress=progress, logs_to_file=logs_to_file)
     results: list[StepResult] = []
     counters: dict[str, int] = {}
     chain = _digest({"policy": policy.to_json(), "manifests": digests, "seed": cfg.seed})

@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import uuid
 from typing import IO, Any, Iterator
 
@@ -138,3 +139,57 @@ def read_span(ref: str) -> bytes:
     with opener(url, "rb") as handle:
         handle.seek(int(offset))
         return handle.read(int(length))
+
+
+_SECRET_QUERY_KEYS = ("signature", "sig", "token", "credential", "security-token", "key", "password", "secret", "auth")
+
+
+def redact_url(url: str | None) -> str | None:
+    """`url` with credentials masked: the password of `user:password@`, and the values of
+    query parameters that carry a secret (presigned S3/GCS signatures, Azure SAS `sig`,
+    tokens, keys). What the ledger, the metadata, the logs and the reasons show."""
+    if not url or "://" not in url:
+        return url
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url.split("://", 1)[0] + "://<unparseable URL>"
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        user = userinfo.split(":", 1)[0]
+        netloc = f"{user}:***@{host}" if ":" in userinfo else f"***@{host}"
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        masked = [(k, "***" if any(s in k.lower() for s in _SECRET_QUERY_KEYS) else v) for k, v in pairs]
+        if masked != pairs:
+            query = urlencode(masked, safe="*")
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+_SECRET_IN_TEXT = re.compile(
+    r"(?P<param>[?&][^=&\s\"']*(?:" + "|".join(re.escape(k) for k in _SECRET_QUERY_KEYS) + r")[^=&\s\"']*=)[^&\s\"']+"
+    r"|(?P<auth>://[^/@\s:\"']+:)[^/@\s\"']+@", re.IGNORECASE)
+
+
+def redact_text(text: str) -> str:
+    """Credentials masked wherever a URL appears inside free text (a log line, an error)."""
+    def mask(match: re.Match) -> str:
+        return match.group("param") + "***" if match.group("param") else match.group("auth") + "***@"
+
+    return _SECRET_IN_TEXT.sub(mask, text)
+
+
+class RedactingFilter:
+    """A logging filter that masks URL credentials in every record it sees (for urllib3's and
+    fsspec's debug lines, which print request URLs whole)."""
+
+    def filter(self, record) -> bool:
+        message = record.getMessage()
+        masked = redact_text(message)
+        if masked != message:
+            record.msg, record.args = masked, ()
+        return True

@@ -9,7 +9,7 @@ Counters follow `<stage>/in`, `<stage>/kept`, `<stage>/rejected/<reason>`.
 from __future__ import annotations
 
 import logging
-from typing import Iterable
+from typing import Callable, Iterable
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
@@ -67,9 +67,13 @@ class StageDoFn(beam.DoFn):
         raise NotImplementedError
 
     def process(self, asset: Asset) -> Iterable:
+        return self.run(asset, self.handle)
+
+    def run(self, asset: Asset, handle: Callable[[Asset], Asset]) -> Iterable:
+        """`handle(asset)` under the contract: counters, `Reject` and errors to the rejected output."""
         self.counters.seen.inc()
         try:
-            result = self.handle(asset)
+            result = handle(asset)
         except Reject as rej:
             self.counters.rejected(rej.reason)
             yield beam.pvalue.TaggedOutput(REJECTED, asset.reject(self.stage, rej.reason, rej.detail, **rej.extra))

@@ -23,6 +23,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.utils.shared import Shared
 
 from pipeline import storage
+from pipeline.progress import Progress, counted
 from pipeline.records import Rejected, RejectReason
 from pipeline.stages.base import REJECTED, StageCounters
 
@@ -208,7 +209,8 @@ def _write_rejections(item: tuple[None, Iterable[Rejected]], out_dir: str) -> st
 
 
 def encode_curated_store(curated_dir: str, model_path: str, out_dir: str, pipeline_options: PipelineOptions | None = None,
-                         batch_size: int = 32, device: str = "cpu", num_shards: int | None = None) -> dict[str, Any]:
+                         batch_size: int = 32, device: str = "cpu", num_shards: int | None = None,
+                         progress: Progress | None = None) -> dict[str, Any]:
     """Encode every image of `curated_dir` into `out_dir/codes-NNNNNN.parquet`; returns counts and files."""
     from tokenizer.shards import list_shards
 
@@ -228,7 +230,7 @@ def encode_curated_store(curated_dir: str, model_path: str, out_dir: str, pipeli
         | "ReadShards" >> beam.FlatMap(_read_shard)
         | "Spread" >> beam.Reshuffle()
     )
-    kept, rejected = samples | "ToBytes" >> beam.Map(lambda kv: (kv[0], kv[1][0])) | "EncodeImages" >> EncodeImages(cfg)
+    kept, rejected = counted(samples, progress) | "ToBytes" >> beam.Map(lambda kv: (kv[0], kv[1][0])) | "EncodeImages" >> EncodeImages(cfg)
     asset_ids = samples | "AssetIds" >> beam.Map(lambda kv: (kv[0], kv[1][1]))
     (
         {"codes": kept, "asset_id": asset_ids}

@@ -35,7 +35,9 @@ from __future__ import annotations
 
 import logging
 import pickle
-from collections import defaultdict
+import threading
+from collections import defaultdict, deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Iterable, Iterator
 
 import apache_beam as beam
@@ -46,13 +48,14 @@ from apache_beam.metrics import Metrics
 
 from manifests.policy import LicensePolicy
 from pipeline import ledger, neardup, storage
+from pipeline.progress import Progress
 from pipeline.config import DecodeConfig, DedupConfig, FetchConfig, ValidateConfig
 from pipeline.records import Asset, RejectReason, SourceRow
 from pipeline.stages.base import StageCounters
 from pipeline.stages.decode import DecodeImages
 from pipeline.stages.dedup import (_cluster_hashes, _describe_near, _HashAsset, _previous_exact_keys, exact_key,
                                    load_previous_hashes, pick_exact, previous_match, rank_key, _Row)
-from pipeline.stages.fetch import FetchImages
+from pipeline.stages.fetch import Fetched, FetchImages
 from pipeline.stages.ingest import Chunk, _ValidateRow
 from pipeline.stages.licenses import VerifyLicenses
 from pipeline.stages.store import shard_count, write_shard
@@ -98,52 +101,103 @@ class ProcessChunk(beam.DoFn):
     """Validate, license, fetch, decode and stage one chunk; write its slice; emit a summary.
 
     Runs the same stage DoFns as a per-row graph (their counters included), one row at a
-    time, so a worker holds one chunk and one image at a time.
+    time, except fetch: up to `fetch.concurrency` objects are fetched at once by a thread
+    pool while this thread decodes the rows before them, so network waits overlap with
+    decode. Rows are finished in manifest order, so the staging file, the slice and every
+    output are byte-identical to a sequential run. A new fetch starts only while the bytes
+    fetched but not yet decoded stay under `fetch.max_bytes_in_flight`.
     """
 
     def __init__(self, validate: ValidateConfig, policy: LicensePolicy, fetch: FetchConfig, decode: DecodeConfig,
-                 dedup: DedupConfig, work_dir: str):
+                 dedup: DedupConfig, work_dir: str, progress: Progress | None = None):
         super().__init__()
         self.validate_cfg, self.policy, self.fetch_cfg, self.decode_cfg, self.dedup_cfg = validate, policy, fetch, decode, dedup
         self.work_dir = work_dir
+        self.progress = progress
         self._validate = None
-        self._stages: list[beam.DoFn] = []
+        self._license = None
+        self._fetch: FetchImages | None = None
+        self._after_fetch: list[beam.DoFn] = []
+        self._pool: ThreadPoolExecutor | None = None
+        self._ticker = None
 
     def setup(self) -> None:
         dedup = self.dedup_cfg
         self._validate = _ValidateRow(self.validate_cfg)
-        stages: list[beam.DoFn] = [VerifyLicenses(self.policy), FetchImages(self.fetch_cfg),
-                                   DecodeImages(self.decode_cfg, dedup.hash_kind if dedup.near else None)]
+        self._license = VerifyLicenses(self.policy)
+        self._fetch = FetchImages(self.fetch_cfg)
+        after: list[beam.DoFn] = [DecodeImages(self.decode_cfg, dedup.hash_kind if dedup.near else None)]
         if dedup.near:
             # a hash of the source bytes must be taken before decode drops them
-            stages.insert(2 if dedup.hash_input == "source" else 3, _HashAsset("dedup_near", dedup, count_in=False))
-        self._stages = stages
-        for dofn in (self._validate, *stages):
+            after.insert(0 if dedup.hash_input == "source" else 1, _HashAsset("dedup_near", dedup, count_in=False))
+        self._after_fetch = after
+        for dofn in (self._validate, self._license, self._fetch, *after):
             dofn.setup()
+        self._pool = ThreadPoolExecutor(max_workers=self.fetch_cfg.concurrency, thread_name_prefix="fetch")
+        self._ticker = self.progress.ticker() if self.progress else None
 
     def teardown(self) -> None:
-        for dofn in (self._validate, *self._stages):
+        for dofn in (self._validate, self._license, self._fetch, *self._after_fetch):
             if dofn is not None:
                 dofn.teardown()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
 
     def process(self, chunk: Chunk) -> Iterator[dict[str, Any]]:
         staging = storage.SpanWriter(storage.join(self.work_dir, "staging", chunk.name + ".bin"))
         rows: list[dict[str, Any]] = []
+        ticker = self._ticker
         try:
-            for source in chunk.source_rows():
-                rows.append(self._row(source, staging))
+            for row in self._rows(chunk.source_rows(), staging):
+                rows.append(row)
+                if ticker:
+                    ticker.add(1)
         finally:
             staging.close()
+            if ticker:
+                ticker.flush()
         table = pa.Table.from_pylist(rows, schema=SLICE_SCHEMA)
         with storage.atomic_open(slice_url(self.work_dir, chunk.name), "wb") as handle:
             pq.write_table(table, handle, compression="zstd")
         yield {"chunk": chunk.name, "manifest_index": chunk.manifest_index, "index": chunk.index,
                "rows": len(rows), "kept": sum(r["status"] == "kept" for r in rows)}
 
-    def _row(self, source: SourceRow, staging: storage.SpanWriter) -> dict[str, Any]:
-        asset, rejected = _outcome(self._validate.process(source))
-        validated = asset is not None
-        for stage in self._stages:
+    def _rows(self, sources: Iterable[SourceRow], staging: storage.SpanWriter) -> Iterator[dict[str, Any]]:
+        """Each source row's slice row, in order, with fetches running ahead in the pool."""
+        cfg = self.fetch_cfg
+        held = _HeldBytes()
+        pending: deque[tuple[Asset | None, Any, bool, Future | None]] = deque()
+        fetching = 0  # pending entries with a fetch (running or done, not yet finished here)
+        sources = iter(sources)
+        exhausted = False
+        while True:
+            while not exhausted and fetching < cfg.concurrency and held.value < cfg.max_bytes_in_flight:
+                source = next(sources, None)
+                if source is None:
+                    exhausted = True
+                    break
+                asset, rejected = _outcome(self._validate.process(source))
+                validated = asset is not None
+                if asset is not None:
+                    asset, rejected = _outcome(self._license.process(asset))
+                future = None
+                if asset is not None:
+                    future = self._pool.submit(held.fetch, self._fetch, asset)
+                    fetching += 1
+                pending.append((asset, rejected, validated, future))
+            if not pending:
+                return
+            asset, rejected, validated, future = pending.popleft()
+            if future is not None:
+                fetching -= 1
+                fetched = future.result()
+                held.release(fetched.size)
+                asset, rejected = _outcome(self._fetch.run(asset, lambda a, f=fetched: self._fetch.finish(a, f)))
+                del fetched
+            yield self._finish(asset, rejected, validated, staging)
+
+    def _finish(self, asset: Asset | None, rejected: Any, validated: bool, staging: storage.SpanWriter) -> dict[str, Any]:
+        for stage in self._after_fetch:
             if asset is None:
                 break
             asset, rejected = _outcome(stage.process(asset))
@@ -157,6 +211,24 @@ class ProcessChunk(beam.DoFn):
                    area=(asset.source_width or 0) * (asset.source_height or 0),
                    record=staging.append(pickle.dumps(asset, protocol=pickle.HIGHEST_PROTOCOL)))
         return row
+
+
+class _HeldBytes:
+    """Bytes fetched and not yet finished by the bundle's thread (the in-flight cap)."""
+
+    def __init__(self) -> None:
+        self.value = 0
+        self._lock = threading.Lock()
+
+    def fetch(self, stage: FetchImages, asset: Asset) -> Fetched:
+        fetched = stage.fetch(asset)
+        with self._lock:
+            self.value += fetched.size
+        return fetched
+
+    def release(self, n: int) -> None:
+        with self._lock:
+            self.value -= n
 
 
 def slice_url(work_dir: str, chunk: str) -> str:

@@ -31,6 +31,7 @@ from apache_beam.metrics import Metrics
 
 from manifests.schema import RowError, parse_objects
 from pipeline import storage
+from pipeline.progress import Progress, counted
 from pipeline.config import SftConfig, TokensConfig
 from pipeline.stages.decode import curated_box
 from tokenizer import sft as sft_format
@@ -287,10 +288,11 @@ class WriteTokenShards(beam.PTransform):
     index.json) and a JSONL of documents too long to fit (`too_long_url`), for the ledger."""
 
     def __init__(self, cfg: TokensConfig, vocab_url: str, tokens_dir: str, too_long_url: str, seed: int,
-                 num_shards: int, dtype: str, index_extra: dict[str, Any]):
+                 num_shards: int, dtype: str, index_extra: dict[str, Any], progress: Progress | None = None):
         super().__init__()
         self.cfg, self.vocab_url, self.tokens_dir, self.too_long_url = cfg, vocab_url, tokens_dir, too_long_url
         self.seed, self.num_shards, self.dtype, self.index_extra = seed, num_shards, dtype, index_extra
+        self.progress = progress  # ticks per document: as each shard is written, its sequences (+ the too long)
 
     def expand(self, inputs: dict[str, beam.PCollection]):
         cfg, k = self.cfg, self.cfg.k
@@ -307,13 +309,13 @@ class WriteTokenShards(beam.PTransform):
             .with_outputs(TOO_LONG, main="entries")
         )
         _ = (
-            written.entries
+            counted(written.entries, self.progress, weight=lambda entry: entry["sequences"])
             | "CollectIndex" >> beam.combiners.ToList()
             | "WriteIndex" >> beam.Map(lambda entries: write_tokens_index(tokens_dir, entries, dtype, extra))
         )
         too_long_url = self.too_long_url
         return (
-            written[TOO_LONG]
+            counted(written[TOO_LONG], self.progress, "ProgressTooLong")
             | "CollectTooLong" >> beam.combiners.ToList()
             | "WriteTooLong" >> beam.Map(_write_too_long, too_long_url)
         )

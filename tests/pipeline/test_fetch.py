@@ -151,27 +151,11 @@ def test_fetch_stage_checksum_and_roots(tmp_path):
 
 @pytest.fixture()
 def http_server(tmp_path):
-    """A loopback HTTP server over `tmp_path` that counts the requests for each path."""
-    import functools
-    import http.server
-    import threading
+    """A loopback HTTP server over `tmp_path` (tests/loopback.py) that counts the requests for each path."""
+    from loopback import LoopbackServer
 
-    hits: dict[str, int] = {}
-
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - the stdlib's name
-            hits[self.path] = hits.get(self.path, 0) + 1
-            super().do_GET()
-
-        def log_message(self, *args):  # keep the test output clean
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(tmp_path)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield {"url": f"http://127.0.0.1:{server.server_address[1]}", "dir": tmp_path, "hits": hits}
-    server.shutdown()
-    server.server_close()
+    with LoopbackServer(tmp_path) as server:
+        yield {"url": server.url, "dir": tmp_path, "hits": server.hits, "server": server}
 
 
 def test_http_works_on_the_base_install_and_a_404_is_not_retried(http_server):
@@ -229,3 +213,247 @@ def test_a_scheme_without_its_backend_is_a_config_error_not_a_retry(tmp_path):
                     out=str(tmp_path / "out"))
     with pytest.raises(ConfigError, match=rf"manifest {scheme}://vendor/manifest.jsonl: {scheme}:// needs"):
         run(cfg, until="curated")
+
+
+# -- errors classified, on a real loopback server (tests/loopback.py) -------------------------------
+
+
+def _photo_bytes(i: int = 0) -> bytes:
+    return sorted((ROOT / "manifests" / "demo" / "images").glob("*.jpg"))[i].read_bytes()
+
+
+def _fetch(url, cfg, roots):
+    """FetchImages.fetch + finish as the prepare step calls them, with the sleeps recorded."""
+    from collections import Counter
+
+    sleeps = []
+    fetch = FetchImages(cfg)
+    asset = asset_for(url, roots[0] + "manifest.jsonl")
+    fetched = fetch.fetch(asset, sleep=sleeps.append)
+    return fetched, sleeps, Counter(fetched.retried)
+
+
+@pytest.mark.parametrize("faults, reason, requests, retried", [
+    (["500", "500"], None, 3, {"http_500": 2}),
+    (["429"], None, 2, {"http_429": 1}),
+    (["503", "reset"], None, 3, {"http_503": 1, "connection": 1}),
+    (["404"], "FILE_NOT_FOUND", 1, {}),
+    (["403"], "ACCESS_DENIED", 1, {}),
+    (["410"], "FILE_NOT_FOUND", 1, {}),
+    (["500"] * 5, "FETCH_FAILED", 3, {"http_500": 2}),
+    (["reset"] * 5, "FETCH_FAILED", 3, {"connection": 2}),
+])
+def test_each_fault_gets_its_reason_and_transient_ones_are_retried_and_counted(http_server, faults, reason, requests,
+                                                                               retried):
+    (http_server["dir"] / "a.jpg").write_bytes(_photo_bytes())
+    http_server["server"].faults["/a.jpg"] = list(faults)
+    cfg = FetchConfig(retries=2, backoff_s=0.01, max_backoff_s=0.02)
+    fetched, sleeps, counted = _fetch(f"{http_server['url']}/a.jpg", cfg, (http_server["url"] + "/",))
+    assert http_server["hits"]["/a.jpg"] == requests  # permanent: exactly one request
+    assert counted == retried and len(sleeps) == sum(retried.values())
+    if reason is None:
+        assert fetched.error is None and fetched.data == _photo_bytes()
+    else:
+        assert isinstance(fetched.error, Reject) and fetched.error.reason.value == reason
+
+
+def test_retry_after_is_honoured_up_to_max_backoff(http_server):
+    (http_server["dir"] / "a.jpg").write_bytes(_photo_bytes())
+    server = http_server["server"]
+    server.faults["/a.jpg"] = ["429"]
+    original = server._reply
+
+    def reply(req, status, data, headers=None, length=None):  # this 429 asks for 30 s
+        return original(req, status, data, {**(headers or {}), "Retry-After": "30"} if status == 429 else headers, length)
+
+    server._reply = reply
+    fetched, sleeps, _ = _fetch(f"{http_server['url']}/a.jpg", FetchConfig(backoff_s=0.1, max_backoff_s=4.0),
+                                (http_server["url"] + "/",))
+    assert fetched.error is None and sleeps == [4.0]  # the server's wish, capped by max_backoff_s
+
+
+def _bounded(fn, seconds=60.0):
+    """Run fn in a thread: a hang fails the test instead of stalling the suite."""
+    import threading
+
+    box = {}
+    thread = threading.Thread(target=lambda: box.update(result=fn()), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), "the fetch blocked"
+    return box["result"]
+
+
+def test_a_server_that_never_answers_or_trickles_cannot_hold_a_worker(http_server):
+    (http_server["dir"] / "a.jpg").write_bytes(_photo_bytes())
+    (http_server["dir"] / "b.jpg").write_bytes(_photo_bytes())
+    server = http_server["server"]
+    server.faults["/a.jpg"] = ["hang"] * 5
+    server.faults["/b.jpg"] = ["trickle"] * 5
+    roots = (http_server["url"] + "/",)
+    cfg = FetchConfig(retries=1, backoff_s=0.0, read_timeout_s=0.3, timeout_s=1.0)
+    for name, kind in (("a.jpg", "timeout"), ("b.jpg", "timeout")):
+        fetched, _, counted = _bounded(lambda: _fetch(f"{http_server['url']}/{name}", cfg, roots))
+        assert fetched.error.reason == RejectReason.FETCH_FAILED
+        assert ("timed out" if name == "a.jpg" else "within fetch.timeout_s") in fetched.error.detail
+        assert counted == {kind: 1} and server.hits[f"/{name}"] == 2  # one attempt + one retry, then given up
+
+
+# -- the fetcher as an attacker sees it --------------------------------------------------------------
+
+
+def test_redirects_are_checked_at_every_hop(http_server, tmp_path_factory):
+    from loopback import LoopbackServer
+
+    root = http_server["dir"] / "delivery"
+    root.mkdir()
+    (root / "a.jpg").write_bytes(_photo_bytes(0))
+    (http_server["dir"] / "secret.jpg").write_bytes(b"outside the root")
+    url, server = http_server["url"], http_server["server"]
+    roots = (f"{url}/delivery/",)
+    with LoopbackServer(tmp_path_factory.mktemp("other")) as other:
+        (other.folder / "delivery").mkdir()
+        (other.folder / "delivery" / "a.jpg").write_bytes(b"internal host")
+        server.faults = {
+            "/delivery/x1.jpg": [f"redirect:{other.url}/delivery/a.jpg"],  # another port
+            "/delivery/x2.jpg": ["redirect:/secret.jpg"],  # a path outside the root
+            "/delivery/x3.jpg": ["redirect:../secret.jpg"],  # relative, outside the root
+            "/delivery/x4.jpg": ["redirect:/delivery/a.jpg"],  # inside the root: followed
+            "/delivery/x5.jpg": ["redirect:http://169.254.169.254/latest/meta-data/"],
+        }
+        cfg = FetchConfig(backoff_s=0.0)
+        outcomes = {n: _fetch(f"{url}/delivery/{n}", cfg, roots)[0] for n in ("x1.jpg", "x2.jpg", "x3.jpg", "x4.jpg",
+                                                                             "x5.jpg")}
+        assert other.hits == {}  # never contacted
+    for name in ("x1.jpg", "x2.jpg", "x3.jpg", "x5.jpg"):
+        assert outcomes[name].error.reason == RejectReason.URI_NOT_ALLOWED, name
+        assert "redirect" in outcomes[name].error.detail
+    assert "/secret.jpg" not in server.hits
+    assert outcomes["x4.jpg"].error is None and outcomes["x4.jpg"].data == _photo_bytes(0)
+    server.faults["/delivery/loop.jpg"] = ["redirect:/delivery/loop.jpg"] * 10
+    looped = _fetch(f"{url}/delivery/loop.jpg", FetchConfig(max_redirects=3), roots)[0]
+    assert looped.error.reason == RejectReason.FETCH_FAILED and "max_redirects" in looped.error.detail
+    assert server.hits["/delivery/loop.jpg"] == 4
+
+
+@pytest.mark.parametrize("path", ["/delivery/%2e%2e/secret.jpg", "/delivery/%2E%2E/secret.jpg",
+                                  "/delivery/..%2fsecret.jpg", "/delivery/.%2e/secret.jpg",
+                                  "/delivery/..%5csecret.jpg", "/delivery/%00.jpg"])
+def test_percent_encoded_escapes_are_refused_before_any_request(http_server, path):
+    (http_server["dir"] / "delivery").mkdir()
+    (http_server["dir"] / "secret.jpg").write_bytes(b"outside the root")
+    fetched = _fetch(f"{http_server['url']}{path}", FetchConfig(), (f"{http_server['url']}/delivery/",))[0]
+    assert fetched.error.reason == RejectReason.URI_NOT_ALLOWED
+    assert http_server["hits"] == {}
+
+
+def test_the_url_requested_is_the_url_checked(http_server):
+    (http_server["dir"] / "delivery" / "sub").mkdir(parents=True)
+    (http_server["dir"] / "delivery" / "a b.jpg").write_bytes(_photo_bytes(0))
+    url = http_server["url"]
+    fetched = _fetch(f"{url}/delivery/sub/%2e%2e/a%20b.jpg", FetchConfig(), (f"{url}/delivery/",))[0]
+    assert fetched.data == _photo_bytes(0)
+    assert list(http_server["hits"]) == ["/delivery/a%20b.jpg"]  # normalised before the request
+
+
+def test_credentials_never_reach_the_ledger_or_logs(http_server, tmp_path, caplog):
+    import base64
+    import json
+    import logging
+
+    from pipeline import ledger
+    from pipeline.config import AlignConfig, RunConfig
+    from pipeline.run import run
+
+    (http_server["dir"] / "a.jpg").write_bytes(_photo_bytes(0))
+    server, url = http_server["server"], http_server["url"]
+    server.faults["/b.jpg?X-Amz-Signature=s3cr3tsig&X-Amz-Credential=AKIAEXAMPLE"] = ["500"] * 10
+    host = url.split("//", 1)[1]
+    row = {"caption": "a photo of a street", "license_id": "CC-BY-2.0", "allowed_uses": ["ml-training"]}
+    rows = [{**row, "asset_id": "basic", "uri": f"http://vendor:hunter2pw@{host}/a.jpg"},
+            {**row, "asset_id": "presigned", "uri": f"{url}/b.jpg?X-Amz-Signature=s3cr3tsig&X-Amz-Credential=AKIAEXAMPLE"},
+            {**row, "asset_id": "missing", "uri": f"http://vendor:hunter2pw@{host}/gone.jpg"}]
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    cfg = RunConfig(manifests=(str(manifest),), policy=str(ROOT / "manifests" / "demo" / "policy.yaml"),
+                    out=str(out), align=AlignConfig(enabled=False),
+                    fetch=FetchConfig(allowed_roots=(url + "/",), retries=1, backoff_s=0.0))
+    with caplog.at_level(logging.DEBUG):
+        run(cfg, until="curated", beam_flags=["--direct_running_mode=in_memory", "--direct_num_workers=1"])
+    by_id = {r["asset_id"]: r for r in ledger.read_ledger(str(out)).to_pylist()}
+    assert by_id["basic"]["status"] == "kept"  # the credentials were used ...
+    assert server.headers["/a.jpg"]["authorization"] == "Basic " + base64.b64encode(b"vendor:hunter2pw").decode()
+    assert by_id["presigned"]["reason"] == "FETCH_FAILED" and by_id["missing"]["reason"] == "FILE_NOT_FOUND"
+    written = b"".join(p.read_bytes() for p in out.rglob("*") if p.is_file())
+    for secret in (b"hunter2pw", b"s3cr3tsig"):  # ... and are nowhere in the outputs or logs
+        assert secret not in written
+        assert secret.decode() not in caplog.text
+    assert by_id["basic"]["uri"] == f"http://vendor:***@{host}/a.jpg"
+
+
+def test_fifo_and_directory_are_refused_without_blocking(tmp_path):
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)  # nobody ever writes to it: a blocking open would never return
+    (tmp_path / "dir.jpg").mkdir()
+    for name in ("pipe.jpg", "dir.jpg"):
+        fetched = _bounded(lambda: _fetch(name, FetchConfig(), (str(tmp_path) + "/",))[0], 30)
+        assert fetched.error.reason == RejectReason.NOT_A_FILE, name
+
+
+# -- concurrent fetch through real runs ---------------------------------------------------------------
+
+
+def _outputs(out: Path) -> dict[str, bytes]:
+    """Every file a curated run leaves (its run record aside), by relative path."""
+    skip = ("run.json", "_state", "_logs")
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
+            if p.is_file() and not str(p.relative_to(out)).startswith(skip)}
+
+
+def test_concurrency_1_and_16_give_byte_identical_outputs_under_faults(tmp_path):
+    import json
+
+    from loopback import LoopbackServer
+
+    from pipeline import ledger
+    from pipeline.config import AlignConfig, CuratedConfig, RunConfig
+    from pipeline.run import run
+
+    allowed = {"CC-BY-2.0", "CC-BY-SA-2.0", "CC-BY-NC-2.0", "CC-BY-NC-SA-2.0"}  # the demo policy's
+    rows = [json.loads(line) for line in (ROOT / "manifests" / "demo" / "coco.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if r["license_id"] in allowed][:40]
+    served = tmp_path / "served"
+    served.mkdir()
+    for r in rows:
+        (served / os.path.basename(r["uri"])).write_bytes((ROOT / "manifests" / "demo" / r["uri"]).read_bytes())
+    faults = {0: ["500"], 1: ["429", "503"], 2: ["reset"], 3: ["404"], 4: ["403"], 5: ["500"] * 9, 6: ["hang"] * 9}
+    results = {}
+    with LoopbackServer(served, latency_s=0.02) as server:
+        for r in rows:
+            r["uri"] = f"{server.url}/{os.path.basename(r['uri'])}"
+        manifest = tmp_path / "manifest.jsonl"
+        manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        for concurrency in (1, 16):
+            server.faults = {"/" + os.path.basename(rows[i]["uri"]): list(f) for i, f in faults.items()}
+            out = tmp_path / f"out-{concurrency}"
+            cfg = RunConfig(manifests=(str(manifest),), policy=str(ROOT / "manifests" / "demo" / "policy.yaml"),
+                            out=str(out), align=AlignConfig(enabled=False), curated=CuratedConfig(chunk_rows=15),
+                            fetch=FetchConfig(allowed_roots=(server.url + "/",), concurrency=concurrency,
+                                              retries=2, backoff_s=0.0, read_timeout_s=0.5))
+            report = run(cfg, until="curated", beam_flags=["--direct_running_mode=multi_processing",
+                                                          "--direct_num_workers=2"])
+            results[concurrency] = (_outputs(out), report.counters, ledger.read_ledger(str(out)).to_pylist())
+    (files_1, counters_1, ledger_1), (files_16, counters_16, _) = results[1], results[16]
+    assert files_1 == files_16  # the store, metadata and ledger, byte for byte
+    retries = {k: v for k, v in counters_1.items() if k.startswith("fetch/retries/")}
+    assert retries == {k: v for k, v in counters_16.items() if k.startswith("fetch/retries/")}
+    assert retries == {"fetch/retries/http_500": 1 + 2, "fetch/retries/http_429": 1, "fetch/retries/http_503": 1,
+                       "fetch/retries/connection": 1, "fetch/retries/timeout": 2}
+    by_id = {r["asset_id"]: r for r in ledger_1}
+    assert len(ledger_1) == len(rows)  # no row lost (the run also checked the invariant)
+    expected = {3: "FILE_NOT_FOUND", 4: "ACCESS_DENIED", 5: "FETCH_FAILED", 6: "FETCH_FAILED"}
+    for i, reason in expected.items():
+        assert by_id[rows[i]["asset_id"]]["reason"] == reason
+    for i in (0, 1, 2):  # recovered after their retries
+        assert by_id[rows[i]["asset_id"]]["stage"] != "fetch"
