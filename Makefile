@@ -23,6 +23,7 @@ test: install
 
 bench: install
 	$(BIN)/python benchmarks/ingest.py
+	$(BIN)/python benchmarks/fetch.py
 	$(BIN)/python benchmarks/dedup.py
 	$(BIN)/python benchmarks/clip.py throughput
 	$(BIN)/python benchmarks/clip.py index

@@ -80,17 +80,19 @@ class TreeRss:
         return self.peak
 
 
-def timed(cmd: list[str], cwd: Path, log: Path) -> tuple[float, int]:
+def timed(cmd: list[str], cwd: Path, log: Path) -> tuple[float, int, float]:
+    """(wall seconds, peak RSS of the tree, CPU seconds of the tree) of one CLI run."""
     with log.open("w") as handle:
         started = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=cwd, stdout=handle, stderr=subprocess.STDOUT)
         rss = TreeRss(proc.pid)
-        code = proc.wait()
+        _, status, usage = os.wait4(proc.pid, 0)  # usage includes the children it waited for
+        proc.returncode = os.waitstatus_to_exitcode(status)
         seconds = time.perf_counter() - started
         peak = rss.stop()
-    if code != 0:
-        raise SystemExit(f"{cmd[0]} failed ({code}); see {log}")
-    return seconds, peak
+    if proc.returncode != 0:
+        raise SystemExit(f"{cmd[0]} failed ({proc.returncode}); see {log}")
+    return seconds, peak, usage.ru_utime + usage.ru_stime
 
 
 def write_inputs(folder: Path, base_url: str, rows: int) -> tuple[Path, Path]:
@@ -107,7 +109,7 @@ def write_inputs(folder: Path, base_url: str, rows: int) -> tuple[Path, Path]:
     return manifest, urls
 
 
-def run_ours(folder: Path, manifest: Path, base_url: str, workers: int) -> tuple[float, int, int]:
+def run_ours(folder: Path, manifest: Path, base_url: str, workers: int) -> tuple[float, int, float, int]:
     config = folder / "ours.yaml"
     config.write_text(json.dumps({
         "manifests": [str(manifest)], "policy": str(ROOT / "manifests" / "demo" / "policy.yaml"),
@@ -117,22 +119,22 @@ def run_ours(folder: Path, manifest: Path, base_url: str, workers: int) -> tuple
         "beam": {"direct_num_workers": workers, "direct_running_mode": "multi_processing"},
     }))
     out = folder / "ours-out"
-    seconds, peak = timed([str(Path(sys.executable).parent / "curate"), "run", "--config", str(config),
-                           "--out", str(out), "--until", "curated"], folder, folder / "ours.log")
+    seconds, peak, cpu = timed([str(Path(sys.executable).parent / "curate"), "run", "--config", str(config),
+                                "--out", str(out), "--until", "curated"], folder, folder / "ours.log")
     kept = sum(s == "kept" for s in pq.read_table(out / "ledger", columns=["status"]).column("status").to_pylist())
-    return seconds, peak, kept
+    return seconds, peak, cpu, kept
 
 
-def run_img2dataset(folder: Path, urls: Path, workers: int) -> tuple[float, int, int]:
+def run_img2dataset(folder: Path, urls: Path, workers: int) -> tuple[float, int, float, int]:
     out = folder / "i2d-out"
-    seconds, peak = timed([str(img2dataset_bin()), "--url_list", str(urls), "--input_format", "csv",
+    seconds, peak, cpu = timed([str(img2dataset_bin()), "--url_list", str(urls), "--input_format", "csv",
                            "--url_col", "url", "--caption_col", "caption", "--output_folder", str(out),
                            "--output_format", "webdataset", "--processes_count", str(workers),
                            "--image_size", "256", "--resize_mode", "center_crop", "--encode_quality", "95",
                            "--distributor", "multiprocessing", "--enable_wandb", "False",
                            "--number_sample_per_shard", "1000"], folder, folder / "i2d.log")
     ok = sum(json.loads(p.read_text())["successes"] for p in out.glob("*_stats.json"))
-    return seconds, peak, ok
+    return seconds, peak, cpu, ok
 
 
 def main() -> None:
@@ -145,7 +147,8 @@ def main() -> None:
     ctx = multiprocessing.get_context("spawn")
     print(f"{args.rows} rows, {args.workers} processes each, 256 px centre crop, q95")
     print(f"{'latency':>8} {'img2dataset img/s':>18} {'ours img/s':>11} {'ratio':>6} "
-          f"{'i2d RSS MiB':>12} {'ours RSS MiB':>13} {'i2d ok':>7} {'ours kept':>9}")
+          f"{'i2d RSS MiB':>12} {'ours RSS MiB':>13} {'i2d CPU ms/img':>15} {'ours CPU ms/img':>16} "
+          f"{'i2d ok':>7} {'ours kept':>9}")
     for latency in args.latency_ms:
         ports = ctx.Queue()
         with tempfile.TemporaryDirectory(prefix="bench-fetch-") as tmp:
@@ -155,13 +158,14 @@ def main() -> None:
                 base_url = f"http://127.0.0.1:{ports.get(timeout=30)}"
                 folder = Path(tmp)
                 manifest, urls = write_inputs(folder, base_url, args.rows)
-                i2d_s, i2d_rss, i2d_ok = run_img2dataset(folder, urls, args.workers)
-                our_s, our_rss, our_kept = run_ours(folder, manifest, base_url, args.workers)
+                i2d_s, i2d_rss, i2d_cpu, i2d_ok = run_img2dataset(folder, urls, args.workers)
+                our_s, our_rss, our_cpu, our_kept = run_ours(folder, manifest, base_url, args.workers)
             finally:
                 server.terminate()
         i2d_rate, our_rate = i2d_ok / i2d_s, our_kept / our_s
         print(f"{latency:>6.0f}ms {i2d_rate:>18.1f} {our_rate:>11.1f} {our_rate / i2d_rate:>5.2f}x "
-              f"{i2d_rss / 2**20:>12.0f} {our_rss / 2**20:>13.0f} {i2d_ok:>7} {our_kept:>9}", flush=True)
+              f"{i2d_rss / 2**20:>12.0f} {our_rss / 2**20:>13.0f} {1000 * i2d_cpu / i2d_ok:>15.2f} "
+              f"{1000 * our_cpu / our_kept:>16.2f} {i2d_ok:>7} {our_kept:>9}", flush=True)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ outputs (`run.json`) and hashed to decide whether a phase can be skipped on resu
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import types
@@ -56,8 +57,10 @@ SCHEME_BACKENDS: dict[str, tuple[str, str | None]] = {
 DEFAULT_SCHEMES = ("file", "memory", "s3", "gs", "gcs", "az", "abfs", "http", "https")
 
 
+@functools.lru_cache(maxsize=None)
 def missing_backend(scheme: str) -> str | None:
-    """None when fsspec can open `scheme://` URLs here; otherwise what to install, in one line."""
+    """None when fsspec can open `scheme://` URLs here; otherwise what to install, in one line.
+    Cached: a package does not appear mid-run, and the fetcher asks for every row."""
     import importlib.util
 
     module, extra = SCHEME_BACKENDS.get(scheme, (None, None))
