@@ -166,7 +166,9 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policy", help="license policy YAML; overrides the config")
     parser.add_argument("--out", help="output folder or URL; overrides the config")
     parser.add_argument("--until", choices=PHASES, default=PHASES[-1], help="last phase to run")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging, all of it on the console (without -v: a progress line per Beam step, "
+                             "and Beam's own logs in OUT/_logs/<step>.log)")
 
 
 def training_shards(args: argparse.Namespace, out: str) -> list[str]:
@@ -319,7 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
                           epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     demo.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")
     demo.add_argument("--until", choices=PHASES, default=PHASES[-1], help="last phase to run")
-    demo.add_argument("-v", "--verbose", action="store_true")
+    demo.add_argument("-v", "--verbose", action="store_true",
+                      help="debug logging on the console (without -v: Beam's logs go to OUT/_logs/)")
     run_p = sub.add_parser("run", help="run the pipeline on manifests",
                            epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_run_flags(run_p)
