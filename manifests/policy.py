@@ -117,6 +117,9 @@ def policy_from_dict(data: Mapping[str, Any]) -> LicensePolicy:
     required_use = data.get("required_use", "ml-training")
     if required_use is not None and not isinstance(required_use, str):
         raise PolicyError("policy 'required_use' must be a string or null")
+    if isinstance(required_use, str) and not required_use.strip():
+        # a blank use would silently turn the use check off: only an explicit null does that
+        raise PolicyError("policy 'required_use' is blank: name the use (e.g. ml-training), or null for no use check")
     return LicensePolicy(
         allowed_licenses=allowed,
         required_use=required_use,

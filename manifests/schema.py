@@ -240,8 +240,8 @@ def _json_safe(value: Any) -> Any:
         value = value.tolist()
     if isinstance(value, (dt.date, dt.datetime)):
         return value.isoformat()
-    if isinstance(value, float) and value != value:
-        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # NaN / Infinity are not JSON: stored as null (docs/manifests.md)
     if isinstance(value, dict):
         return {str(k): _json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

@@ -19,7 +19,8 @@ def _beam_import_noise(record: logging.LogRecord) -> bool:
 logging.getLogger().addFilter(_beam_import_noise)  # before Beam is imported below
 
 from pipeline.config import ConfigError, RunConfig, load_config  # noqa: E402
-from pipeline.run import PHASES, RunReport, run  # noqa: E402 - after the filter above
+from pipeline.run import PHASES, NothingToDo, RunReport, run  # noqa: E402 - after the filter above
+from pipeline.rundir import OutputFolderError  # noqa: E402
 
 log = logging.getLogger("curate")
 
@@ -166,6 +167,9 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policy", help="license policy YAML; overrides the config")
     parser.add_argument("--out", help="output folder or URL; overrides the config")
     parser.add_argument("--until", choices=PHASES, default=PHASES[-1], help="last phase to run")
+    parser.add_argument("--force", action="store_true",
+                        help="use an --out folder that is not empty and holds no run of ours (refused if it holds "
+                             "any path a run writes: its files are never deleted)")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="debug logging, all of it on the console (without -v: a progress line per Beam step, "
                              "and Beam's own logs in OUT/_logs/<step>.log)")
@@ -385,11 +389,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = train_model(args.command.split("-", 1)[1], cfg, training_shards(args, cfg.out))
             print(json.dumps({k: v for k, v in result.items() if isinstance(v, (int, float, str, bool))}, indent=2))
             return 0
-        report = run(cfg, until=args.until, beam_flags=beam_flags, progress=True, logs_to_file=not args.verbose)
+        report = run(cfg, until=args.until, beam_flags=beam_flags, progress=True, logs_to_file=not args.verbose,
+                     force=getattr(args, "force", False))
         extra = demo_lm(cfg) if args.command == "demo" and args.until == PHASES[-1] else None
+    except OutputFolderError as exc:
+        print(f"curate: {exc}", file=sys.stderr)
+        return 2
     except ConfigError as exc:
         print(f"curate: configuration error: {exc}", file=sys.stderr)
         return 2
+    except NothingToDo as exc:
+        print(f"curate: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("curate: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
     print(format_report(report))
     if extra:
         print(extra)

@@ -294,7 +294,10 @@ class VQRunConfig:
         from tokenizer.vq.config import get_config
 
         if not self.weights:
-            get_config(self.model)  # raises on an unknown name
+            try:
+                get_config(self.model)
+            except KeyError as exc:
+                raise ConfigError(f"vq.model: {exc.args[0]}") from None
         if self.encode_batch_size < 1:
             raise ConfigError("vq.encode_batch_size must be >= 1")
         if self.device not in ("cpu", "cuda", "auto"):
@@ -500,12 +503,26 @@ def from_dict(cls: type, data: Mapping[str, Any] | None, where: str = "config") 
         raise ConfigError(f"{where}: {exc}") from None
 
 
+def describe_yaml_error(exc: Exception) -> str:
+    """A YAML parse error in one line: where and what."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    return f"not valid YAML{where}: {getattr(exc, 'problem', None) or exc}"
+
+
 def load_config(url: str | None, overrides: Mapping[str, Any] | None = None) -> RunConfig:
     """Read a YAML config (any fsspec URL) and apply top-level overrides (CLI flags)."""
     data: dict[str, Any] = {}
     if url:
-        with fsspec.open(url, "rt", encoding="utf-8") as handle:
-            data = yaml.safe_load(handle) or {}
+        try:
+            with fsspec.open(url, "rt", encoding="utf-8") as handle:
+                data = yaml.safe_load(handle) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{url}: not found") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{url}: {describe_yaml_error(exc)}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{url}: cannot be read: {exc}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{url}: the config must be a YAML mapping")
     for key, value in (overrides or {}).items():

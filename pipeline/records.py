@@ -31,6 +31,7 @@ class RejectReason(str, enum.Enum):
     LICENSE_NOT_YET_VALID = "LICENSE_NOT_YET_VALID"
     USE_NOT_ALLOWED = "USE_NOT_ALLOWED"
     TDM_OPT_OUT = "TDM_OPT_OUT"
+    METADATA_UNREADABLE = "METADATA_UNREADABLE"  # an XMP block that may hold an opt-out cannot be parsed
     # fetch
     URI_NOT_ALLOWED = "URI_NOT_ALLOWED"
     FILE_NOT_FOUND = "FILE_NOT_FOUND"

@@ -39,9 +39,9 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from manifests.policy import LicensePolicy, load_policy
-from pipeline import ledger, storage
+from pipeline import ledger, rundir, storage
 from pipeline.progress import Monitor, Progress, counted
-from pipeline.config import ConfigError, RunConfig, missing_backend, url_scheme
+from pipeline.config import ConfigError, RunConfig, describe_yaml_error, missing_backend, url_scheme
 from pipeline.stages.base import REJECTED
 from pipeline.stages.dedup import DedupSemantic
 from pipeline.stages.ingest import count_manifest_rows, read_chunks
@@ -52,6 +52,10 @@ log = logging.getLogger(__name__)
 PHASES = ("curated", "models", "index", "tokens")
 PACKAGES = ("apache-beam", "pyarrow", "pillow", "numpy", "torch", "torchvision", "open-clip-torch",
             "faiss-cpu", "tokenizers", "safetensors", "webdataset", "imagehash", "fsspec")
+
+
+class NothingToDo(RuntimeError):
+    """A step has no input left (every row was rejected): the run stops with this one line."""
 
 
 @dataclass
@@ -79,6 +83,7 @@ class RunContext:
     config_hash: str = ""  # the running step's chained config hash (recorded in its outputs)
     show_progress: bool = False  # a live bar per Beam step on stderr (pipeline/progress.py)
     logs_to_file: bool = False  # Beam's own logs to OUT/_logs/<step>.log instead of the console
+    rows_in: int | None = None  # rows in all manifests (the ledger invariant's left side)
 
     @property
     def out(self) -> str:
@@ -125,6 +130,8 @@ def stderr_to_log(url: str, tail_lines: int = 25) -> Iterator[TextIO]:
     failed = False
     try:
         yield console
+    except KeyboardInterrupt:
+        raise
     except BaseException:
         failed = True
         raise
@@ -281,8 +288,7 @@ def _write_ledger(kept, rejections, out: str, stage: str, earlier=None) -> None:
 
 
 def step_prepare(ctx: RunContext):
-    rows = sum(count_manifest_rows(url) for url in ctx.cfg.manifests)
-    with ctx.beam_step("prepare", rows) as progress:
+    with ctx.beam_step("prepare", ctx.rows_in) as progress:
         counters = run_beam(lambda p: build_prepare_graph(p, ctx, progress), ctx.options)
     for work in (STAGING, SLICES, DECISIONS):
         storage.remove_tree(ctx.path(work))
@@ -303,7 +309,8 @@ def step_clip(ctx: RunContext):
 
     shards = storage.list_files(ctx.path(PREPARED), "images-*.tar")
     if not shards:
-        raise RuntimeError("no curated images to train the CLIP on: every row was rejected before alignment")
+        raise NothingToDo("no curated images to train the CLIP on: every row was rejected before alignment "
+                          "(see the ledger: OUT/_work/prepared/ledger/)")
     info = train_clip(clip, ctx.cfg.clip_train, shards, ctx.path("models", "clip"))
     return {}, {"trained": True, **{k: v for k, v in info.items() if isinstance(v, (int, float, str, bool))}}
 
@@ -396,7 +403,7 @@ def step_vq(ctx: RunContext):
 
     shards = storage.list_files(ctx.path("curated"), "images-*.tar")
     if not shards:
-        raise RuntimeError("no curated images to train the VQ tokenizer on")
+        raise NothingToDo("no curated images to train the VQ tokenizer on: every row was rejected (see OUT/ledger/)")
     result = train_vq(get_config(vq.model), vq.train, shards, out)
     evaluation = storage.read_json(storage.join(out, "vq-eval.json")) if storage.exists(storage.join(out, "vq-eval.json")) else {}
     info = {"trained": True, "model": vq.model}
@@ -474,7 +481,7 @@ def step_index(ctx: RunContext):
 
     urls = storage.list_files(ctx.path("curated"), "embeddings-*.parquet")
     if not urls:
-        raise RuntimeError("no embeddings to index: the curated store is empty")
+        raise NothingToDo("no embeddings to index: the curated store is empty (see OUT/ledger/)")
     info = build_index_from_embeddings(urls, ctx.path("index"), ctx.cfg.index)
     samples = storage.read_json(ctx.path("curated", "index.json"))["samples"]
     with ctx.beam_step("index", samples, "documents") as progress:
@@ -647,11 +654,61 @@ def _digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _policy(url: str) -> LicensePolicy:
+    """The policy, or one line naming the file and the problem."""
+    import yaml
+
+    from manifests.policy import PolicyError
+
+    if not storage.exists(url):
+        raise ConfigError(f"policy {url}: not found")
+    try:
+        return load_policy(url)
+    except (PolicyError, ConfigError) as exc:
+        raise ConfigError(f"policy {url}: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"policy {url}: {describe_yaml_error(exc)}") from None
+    except (OSError, UnicodeDecodeError, TypeError, ValueError) as exc:
+        raise ConfigError(f"policy {url}: {type(exc).__name__}: {exc}") from None
+
+
+def _check_manifests(manifests: Sequence[str]) -> int:
+    """Each manifest exists, has a known format, is listed once (a repeat would put every row in
+    the ledger twice) and reads to its end (a truncated .gz or a corrupt Parquet file is one
+    line here, not a traceback mid-run); returns the number of rows, for the ledger invariant."""
+    from pipeline.stages.ingest import manifest_format
+
+    seen: dict[str, str] = {}
+    for url in manifests:
+        same = os.path.realpath(url) if "://" not in url else url.rstrip("/")
+        if same in seen:
+            raise ConfigError(f"manifest {url} is listed twice (as {seen[same]}): list each manifest once")
+        seen[same] = url
+        try:
+            manifest_format(url)
+        except ValueError as exc:
+            raise ConfigError(f"manifest {exc}") from None
+        if not storage.exists(url):
+            raise ConfigError(f"manifest {url}: not found")
+    total = 0
+    for url in manifests:
+        try:
+            total += count_manifest_rows(url)
+        except Exception as exc:  # noqa: BLE001 - any reader error: the file is unreadable as a whole
+            message = str(exc).splitlines()[0] if str(exc) else ""
+            raise ConfigError(f"manifest {url}: cannot be read to its end ({type(exc).__name__}: {message[:200]})") \
+                from None
+    return total
+
+
 def run(cfg: RunConfig, until: str = PHASES[-1], beam_flags: Sequence[str] = (), progress: bool = False,
-        logs_to_file: bool = False) -> RunReport:
+        logs_to_file: bool = False, force: bool = False) -> RunReport:
     """Run the steps of every phase up to `until`, skipping those already complete. With
     `progress`, each Beam step draws a live bar (rows done / total, rate, ETA) on stderr; with
-    `logs_to_file`, Beam's logs go to OUT/_logs/<step>.log (the CLI does both, unless -v)."""
+    `logs_to_file`, Beam's logs go to OUT/_logs/<step>.log (the CLI does both, unless -v).
+
+    The output folder must be empty, new or a run folder of ours (`force`: a foreign folder
+    whose files do not collide with ours), and is locked for the run (pipeline/rundir.py)."""
     if not cfg.manifests:
         raise ConfigError("no manifests: pass --manifest URL or set `manifests` in the config")
     if not cfg.policy:
@@ -667,9 +724,18 @@ def run(cfg: RunConfig, until: str = PHASES[-1], beam_flags: Sequence[str] = (),
         why = missing_backend(url_scheme(url))
         if why:  # before any row is read, not a failure per row
             raise ConfigError(f"{what} {url}: {why}")
-    policy = load_policy(cfg.policy)
+    rows_in = _check_manifests(cfg.manifests)
+    policy = _policy(cfg.policy)
+    rundir.claim(cfg.out, force)
+    with rundir.RunLock(cfg.out):
+        return _run_steps(cfg, policy, until, beam_flags, progress, logs_to_file, rows_in)
+
+
+def _run_steps(cfg: RunConfig, policy: LicensePolicy, until: str, beam_flags: Sequence[str], progress: bool,
+               logs_to_file: bool, rows_in: int) -> RunReport:
     digests = {url: storage.file_sha256(url) for url in cfg.manifests}
-    ctx = RunContext(cfg, policy, beam_options(cfg, beam_flags), show_progress=progress, logs_to_file=logs_to_file)
+    ctx = RunContext(cfg, policy, beam_options(cfg, beam_flags), show_progress=progress, logs_to_file=logs_to_file,
+                     rows_in=rows_in)
     results: list[StepResult] = []
     counters: dict[str, int] = {}
     chain = _digest({"policy": policy.to_json(), "manifests": digests, "seed": cfg.seed})
@@ -704,7 +770,6 @@ def run(cfg: RunConfig, until: str = PHASES[-1], beam_flags: Sequence[str] = (),
         })
         results.append(StepResult(step.name, step.phase, False, seconds, info))
 
-    rows_in = sum(count_manifest_rows(url) for url in cfg.manifests)
     summary = ledger.check_invariant(cfg.out, rows_in)
     storage.write_json(storage.join(cfg.out, "run.json"), {
         "config": cfg.to_json(),

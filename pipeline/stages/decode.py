@@ -21,7 +21,7 @@ from pipeline import neardup
 from pipeline.config import DecodeConfig
 from pipeline.records import Asset, RejectReason
 from pipeline.stages.base import Reject, StageDoFn
-from pipeline.stages.licenses import find_tdm_opt_out
+from pipeline.stages.licenses import UnreadableMetadata, find_tdm_opt_out
 
 _XMP_INFO_KEYS = ("xmp", "XML:com.adobe.xmp", "XMP")
 _ORIENTATION = 0x0112  # EXIF Orientation tag
@@ -106,6 +106,28 @@ def curated_box(bbox: tuple[float, float, float, float], width: int, height: int
     return tuple(int(math.floor(v + 0.5)) for v in (cx0, cy0, cx1, cy1))  # width >= 1 px survives rounding
 
 
+def _metadata_blocks(info: dict) -> tuple[bytes, ...]:
+    """XMP a decoder extracted (PNG iTXt/zTXt/tEXt under the XMP keys), and ImageMagick's hex
+    "Raw profile type xmp" text chunk decoded. A raw profile that is not hex is unreadable."""
+    blocks = []
+    for key, value in info.items():
+        if not isinstance(key, str):
+            continue
+        if key in _XMP_INFO_KEYS:
+            blocks.append(value if isinstance(value, bytes) else str(value).encode("utf-8", "replace"))
+        elif key.lower().startswith("raw profile type") and "xmp" in key.lower():
+            text = value.decode("latin-1") if isinstance(value, bytes) else str(value)
+            lines = text.strip().splitlines()
+            try:
+                blocks.append(bytes.fromhex("".join(lines[2:])))  # "xmp", the length, then hex
+            except ValueError:
+                raise UnreadableMetadata(f"PNG {key!r} chunk is not hex-encoded XMP") from None
+    return tuple(blocks)
+
+
+JPEG_MIN_PIXELS_PER_BYTE = 512  # 0.016 bits/pixel: 4x below the smallest complete baseline JPEG
+
+
 def decode_image(data: bytes, cfg: DecodeConfig, hash_kind: str | None = None) -> DecodedImage:
     """Decode and normalise one image or raise `Reject` with the specific reason.
 
@@ -131,10 +153,18 @@ def decode_image(data: bytes, cfg: DecodeConfig, hash_kind: str | None = None) -
         if width * height > cfg.max_pixels:
             raise Reject(RejectReason.DECOMPRESSION_BOMB,
                          f"{width}x{height} = {width * height:,} pixels > max_pixels {cfg.max_pixels:,}")
+        if fmt == "JPEG" and len(data) * JPEG_MIN_PIXELS_PER_BYTE < width * height:
+            # a complete baseline JPEG needs a few bits per 8x8 block at least; libjpeg pads a
+            # body cut short with grey and only warns, so a tiny file claiming a huge frame would
+            # decode "fine" to a flat image
+            raise Reject(RejectReason.TRUNCATED_IMAGE,
+                         f"{len(data):,} bytes cannot hold a complete {width}x{height} JPEG "
+                         f"(at least {width * height // JPEG_MIN_PIXELS_PER_BYTE:,}): the body is cut short")
         if cfg.check_tdm:
-            blocks = tuple(v if isinstance(v, bytes) else str(v).encode("utf-8", "replace")
-                           for k, v in img.info.items() if k in _XMP_INFO_KEYS)
-            mark = find_tdm_opt_out(data, blocks)
+            try:
+                mark = find_tdm_opt_out(data, _metadata_blocks(img.info))
+            except UnreadableMetadata as exc:
+                raise Reject(RejectReason.METADATA_UNREADABLE, str(exc)) from None
             if mark:
                 raise Reject(RejectReason.TDM_OPT_OUT, mark)
         if min(width, height) < cfg.min_side:

@@ -52,12 +52,21 @@ def read_manifest(url: str) -> Iterator[SourceRow]:
         if fmt == "jsonl":
             yield from _read_jsonl(url, raw)
         else:
-            yield from _read_csv(url, io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline=""))
+            # utf-8-sig: Excel's "CSV UTF-8" starts with a BOM; surrogateescape keeps bad bytes
+            # visible, so the row they are in is rejected rather than silently altered
+            yield from _read_csv(url, io.TextIOWrapper(raw, encoding="utf-8-sig", errors="surrogateescape",
+                                                       newline=""))
 
 
-def jsonl_text(line: bytes) -> str:
-    """One JSONL line (split on \\n only, as the format says) as text; bad UTF-8 is replaced."""
-    return line.decode("utf-8", errors="replace")
+def jsonl_text(line: bytes) -> tuple[str, str | None]:
+    """One JSONL line (split on \\n only, as the format says) as text, without a leading BOM,
+    and the problem with its encoding if it is not valid UTF-8 (then bad bytes are replaced
+    in the text kept for the ledger: two different ids must never decode to the same string)."""
+    try:
+        text, problem = line.decode("utf-8"), None
+    except UnicodeDecodeError as exc:
+        text, problem = line.decode("utf-8", errors="replace"), f"invalid UTF-8 at byte {exc.start}"
+    return text.lstrip("\ufeff"), problem
 
 
 def _read_jsonl(url: str, lines: Iterable[bytes], start_row: int = 0) -> Iterator[SourceRow]:
@@ -65,14 +74,21 @@ def _read_jsonl(url: str, lines: Iterable[bytes], start_row: int = 0) -> Iterato
     number of rows before these lines (a reader of a byte range passes it)."""
     row_no = start_row
     for raw_line in lines:
-        line = jsonl_text(raw_line)
+        line, problem = jsonl_text(raw_line)
         if not line.strip():
             continue
         row_no += 1
+        if problem:
+            yield SourceRow(url, row_no, line.strip()[:500], parse_error=problem)
+            continue
         try:
             value = json.loads(line)
         except json.JSONDecodeError as exc:
             yield SourceRow(url, row_no, line.strip()[:500], parse_error=f"invalid JSON: {exc.msg} at column {exc.colno}")
+            continue
+        except (ValueError, RecursionError) as exc:  # a 5,000-digit number, arrays nested 100,000 deep
+            yield SourceRow(url, row_no, line.strip()[:500], parse_error=f"unreadable JSON: {type(exc).__name__}: "
+                                                                          f"{str(exc)[:200]}")
             continue
         if not isinstance(value, dict):
             yield SourceRow(url, row_no, line.strip()[:500], parse_error=f"line is a JSON {type(value).__name__}, not an object")
@@ -87,14 +103,29 @@ def _read_csv(url: str, text: io.TextIOBase) -> Iterator[SourceRow]:
     except StopIteration:
         return
     header = [h.strip() for h in header]
-    for row_no, cells in enumerate(reader, start=1):
+    row_no = 0
+    for cells in reader:
         if not any(c.strip() for c in cells):
+            continue  # blank lines are skipped and not counted, as in JSONL
+        row_no += 1
+        bad = next((c for c in cells if _has_bad_bytes(c)), None)
+        if bad is not None:
+            yield SourceRow(url, row_no, _visible(",".join(cells))[:500], parse_error="invalid UTF-8 in a cell")
             continue
         if len(cells) != len(header):
             yield SourceRow(url, row_no, ",".join(cells)[:500],
                             parse_error=f"{len(cells)} cells for {len(header)} columns")
             continue
         yield SourceRow(url, row_no, {k: (v if v != "" else None) for k, v in zip(header, cells)})
+
+
+def _has_bad_bytes(text: str) -> bool:
+    return any("\udc80" <= ch <= "\udcff" for ch in text)
+
+
+def _visible(text: str) -> str:
+    """Text holding undecodable bytes (surrogate escapes) with each shown as U+FFFD."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def _read_parquet(url: str) -> Iterator[SourceRow]:
@@ -172,7 +203,7 @@ def _jsonl_spans(manifest_index: int, url: str, chunk_rows: int) -> Iterator[Chu
     with fsspec.open(url, "rb") as handle:
         for line in handle:
             offset += len(line)
-            if jsonl_text(line).strip():
+            if jsonl_text(line)[0].strip():
                 rows += 1
                 counter.inc()
                 if rows == chunk_rows:

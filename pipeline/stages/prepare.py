@@ -10,7 +10,7 @@ manifest row grows with the delivery. Here no full record crosses a shuffle:
    per-row data a runner holds, once, packed 500 to an element).
 2. `ProcessChunk` runs validate -> license gate -> fetch -> decode (+ perceptual hash) for
    one chunk inside one worker and writes, under `work_dir`:
-     staging/<chunk>.bin     the normalised JPEGs and the pickled records, appended;
+     staging/<chunk>.bin     the normalised JPEGs and the records (JSON, `store.encode_record`), appended;
      slices/<chunk>.parquet  one row per manifest row: its ledger row so far, plus the
                              columns the global steps need (hashes, area, record pointer).
    It emits one small summary per chunk.
@@ -34,7 +34,6 @@ broken manifest pays.
 from __future__ import annotations
 
 import logging
-import pickle
 import threading
 from collections import defaultdict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -58,7 +57,7 @@ from pipeline.stages.dedup import (_cluster_hashes, _describe_near, _HashAsset, 
 from pipeline.stages.fetch import Fetched, FetchImages
 from pipeline.stages.ingest import Chunk, _ValidateRow
 from pipeline.stages.licenses import VerifyLicenses
-from pipeline.stages.store import shard_count, write_shard
+from pipeline.stages.store import decode_record, encode_record, shard_count, write_shard
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +67,7 @@ SLICE_SCHEMA = pa.schema(list(ledger.LEDGER_SCHEMA) + [
     pa.field("validated", pa.bool_()),  # passed validation: takes part in the repeated-id check
     pa.field("pixel_sha256", pa.string()),
     pa.field("area", pa.int64()),  # source width * height, for the representative rule
-    pa.field("record", pa.string()),  # kept rows: the pickled Asset in staging, `file@offset:length`
+    pa.field("record", pa.string()),  # kept rows: the Asset's JSON record in staging, `file@offset:length`
 ])
 DECISION_SCHEMA = pa.schema([
     ("manifest_uri", pa.string()), ("manifest_row", pa.int64()), ("status", pa.string()), ("stage", pa.string()),
@@ -85,7 +84,7 @@ def ledger_part(manifest_index: int, chunk_index: int) -> str:
 
 
 def load_record(ref: str) -> Asset:
-    return pickle.loads(storage.read_span(ref))
+    return decode_record(storage.read_span(ref))
 
 
 def _outcome(outputs: Iterable[Any]) -> tuple[Asset | None, Any]:
@@ -209,7 +208,7 @@ class ProcessChunk(beam.DoFn):
         row = ledger.kept_row(asset)
         row.update(validated=True, pixel_sha256=asset.pixel_sha256,
                    area=(asset.source_width or 0) * (asset.source_height or 0),
-                   record=staging.append(pickle.dumps(asset, protocol=pickle.HIGHEST_PROTOCOL)))
+                   record=staging.append(encode_record(asset)))
         return row
 
 

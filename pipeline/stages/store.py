@@ -272,6 +272,23 @@ def asset_from_sample(meta: dict[str, Any], jpeg: bytes) -> Asset:
     )
 
 
+def encode_record(asset: Asset) -> bytes:
+    """A staged asset as data: its sample JSON (what `key.json` holds) plus the staged image's
+    pointer. Never a pickle: a staged file is read back by other workers, and whoever can
+    write to OUT must not be able to run code through it (docs/security.md)."""
+    meta = sample_json(asset, key="", shard=-1)
+    meta["image_uri"] = asset.image_uri
+    return json.dumps(meta, sort_keys=True, allow_nan=False).encode("utf-8")
+
+
+def decode_record(data: bytes) -> Asset:
+    """`encode_record` reversed; a record that is not what we wrote raises ValueError."""
+    meta = json.loads(data.decode("utf-8"))
+    if not isinstance(meta, dict) or not isinstance(meta.get("image_uri"), str):
+        raise ValueError("a staged record that this pipeline did not write")
+    return asset_from_sample(meta, None).replace(image_uri=meta["image_uri"])
+
+
 def read_shard(url: str) -> Iterable[Asset]:
     """Stream the assets of one curated tar shard (pairs `KEY.jpg` with `KEY.json`)."""
     from tokenizer.shards import iter_shard

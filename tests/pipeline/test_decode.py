@@ -128,7 +128,8 @@ def test_demo_bomb_file(demo_dir):
 
 
 XMP = ('<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
-       '<rdf:Description {attrs}>{body}</rdf:Description></rdf:RDF></x:xmpmeta>')
+       '<rdf:Description xmlns:plus="http://ns.useplus.org/ldf/xmp/1.0/" xmlns:tdm="http://www.w3.org/ns/tdmrep/" '
+       '{attrs}>{body}</rdf:Description></rdf:RDF></x:xmpmeta>')
 
 
 @pytest.mark.parametrize("xmp,blocked", [
@@ -154,6 +155,43 @@ def test_tdm_mark_in_compressed_png_itxt_is_found(photo):
     data = encode(photo, "PNG", pnginfo=info)
     assert b"DMI-PROHIBITED" not in data  # invisible to a raw byte scan
     assert reject_reason(data) == RejectReason.TDM_OPT_OUT
+
+
+@pytest.mark.parametrize("xmp,reason", [
+    # TDMRep under a prefix other than tdm: (the namespace is what counts)
+    (XMP.replace('xmlns:tdm=', 'xmlns:w3tdm=').format(attrs='w3tdm:reservation="1"', body=""), "TDM_OPT_OUT"),
+    (XMP.replace('xmlns:tdm=', 'xmlns:r=').format(attrs="", body="<r:reservation>1</r:reservation>"), "TDM_OPT_OUT"),
+    (XMP.replace('xmlns:plus=', 'xmlns:p=').format(
+        attrs="", body='<p:DataMining rdf:resource="http://ns.useplus.org/ldf/vocab/DMI-PROHIBITED-AIMLTRAINING"/>'),
+     "TDM_OPT_OUT"),
+    # a packet that cannot be parsed fails closed, with its own reason
+    ('<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF><oops></rdf:RDF></x:xmpmeta>', "METADATA_UNREADABLE"),
+    ('<!DOCTYPE x [<!ENTITY a "aaaa">]><x:xmpmeta xmlns:x="adobe:ns:meta/">&a;</x:xmpmeta>', "METADATA_UNREADABLE"),
+    (XMP.replace('xmlns:tdm=', 'xmlns:w3tdm=').format(attrs='w3tdm:reservation="0"', body=""), None),
+])
+def test_xmp_is_parsed_with_namespaces_and_fails_closed(photo, xmp, reason):
+    data = encode(photo, "JPEG", xmp=xmp.encode())
+    if reason is None:
+        decode_image(data, CFG)
+    else:
+        assert reject_reason(data) == RejectReason[reason]
+
+
+def test_xmp_in_a_png_raw_profile_chunk_is_found(photo):
+    """ImageMagick writes XMP to PNG as a hex "Raw profile type xmp" tEXt/zTXt chunk."""
+    from PIL.PngImagePlugin import PngInfo
+
+    xmp = XMP.format(attrs='tdm:reservation="1"', body="").encode()
+    for compressed in (False, True):
+        info = PngInfo()
+        payload = f"\nxmp\n{len(xmp):8d}\n" + "\n".join(xmp.hex()[i:i + 72] for i in range(0, len(xmp.hex()), 72)) + "\n"
+        info.add_text("Raw profile type xmp", payload, zip=compressed)
+        data = encode(photo, "PNG", pnginfo=info)
+        assert b"reservation" not in data  # hex: invisible to a raw byte scan
+        assert reject_reason(data) == RejectReason.TDM_OPT_OUT
+    info = PngInfo()
+    info.add_text("Raw profile type xmp", "\nxmp\n      10\nnot hex at all\n")
+    assert reject_reason(encode(photo, "PNG", pnginfo=info)) == RejectReason.METADATA_UNREADABLE
 
 
 def test_c2pa_training_mining_assertion():
