@@ -19,7 +19,7 @@ def _beam_import_noise(record: logging.LogRecord) -> bool:
 logging.getLogger().addFilter(_beam_import_noise)  # before Beam is imported below
 
 from pipeline.config import ConfigError, RunConfig, load_config  # noqa: E402
-from pipeline.run import PHASES, NothingToDo, RunReport, run  # noqa: E402 - after the filter above
+from pipeline.run import PHASES, NothingToDo, RunReport, WorkerDied, run  # noqa: E402 - after the filter above
 from pipeline.rundir import OutputFolderError  # noqa: E402
 
 log = logging.getLogger("curate")
@@ -398,7 +398,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"curate: configuration error: {exc}", file=sys.stderr)
         return 2
-    except NothingToDo as exc:
+    except (NothingToDo, WorkerDied) as exc:
         print(f"curate: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

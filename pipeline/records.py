@@ -44,6 +44,7 @@ class RejectReason(str, enum.Enum):
     NOT_AN_IMAGE = "NOT_AN_IMAGE"
     TRUNCATED_IMAGE = "TRUNCATED_IMAGE"
     DECOMPRESSION_BOMB = "DECOMPRESSION_BOMB"
+    WORKER_CRASHED = "WORKER_CRASHED"  # the row killed its worker (segfault, OOM) twice, the second time alone
     # content filters
     TOO_SMALL = "TOO_SMALL"
     BAD_ASPECT_RATIO = "BAD_ASPECT_RATIO"

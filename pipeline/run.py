@@ -58,6 +58,10 @@ class NothingToDo(RuntimeError):
     """A step has no input left (every row was rejected): the run stops with this one line."""
 
 
+class WorkerDied(RuntimeError):
+    """A worker process died (a native crash, an out-of-memory kill) in the prepare step."""
+
+
 @dataclass
 class StepResult:
     name: str
@@ -105,13 +109,13 @@ class RunContext:
 
 
 @contextlib.contextmanager
-def stderr_to_log(url: str, tail_lines: int = 25) -> Iterator[TextIO]:
+def stderr_to_log(url: str) -> Iterator[TextIO]:
     """Send this process's stderr (file descriptor 2, which the local runner's worker
     processes inherit) to the log `url` while the block runs; yields a stream on the console.
 
     Beam's runner and SDK harness log tens of INFO/WARNING lines per pipeline; they belong in
-    the run's folder, not on the user's screen. If the block fails, the log's last lines are
-    printed to the console with its path. A remote `url` is written locally, then uploaded.
+    the run's folder, not on the user's screen. If the block fails, the log's path is printed
+    on the console. A remote `url` is written locally, then uploaded.
     """
     import sys
     import tempfile
@@ -140,9 +144,7 @@ def stderr_to_log(url: str, tail_lines: int = 25) -> Iterator[TextIO]:
         os.dup2(saved, 2)
         os.close(saved)
         if failed:
-            with open(local, errors="replace") as handle:
-                tail = handle.readlines()[-tail_lines:]
-            console.write(f"--- the last lines of {url} ---\n{''.join(tail)}---\n")
+            console.write(f"curate: this step's log (Beam's messages, worker tracebacks): {url}\n")
         console.close()
         if remote:
             with open(local, "rb") as handle:
@@ -235,7 +237,8 @@ def clip_config(ctx: RunContext):
 # ----------------------------------------------------------------------------- step: prepare
 
 
-def build_prepare_graph(p: beam.Pipeline, ctx: RunContext, progress: Progress | None = None) -> None:
+def build_prepare_graph(p: beam.Pipeline, ctx: RunContext, progress: Progress | None = None,
+                        isolate: frozenset[str] = frozenset()) -> None:
     """A–B: manifests -> validated, licensed, fetched, decoded, deduplicated assets.
 
     Per-row work runs in chunks that never leave their worker; only compact records reach
@@ -253,7 +256,7 @@ def build_prepare_graph(p: beam.Pipeline, ctx: RunContext, progress: Progress | 
         | "Rebalance" >> beam.Reshuffle()
         | "ProcessChunks" >> beam.ParDo(prepare.ProcessChunk(
             cfg.validate, ctx.policy, cfg.fetch, cfg.decode, dataclasses.replace(cfg.dedup, semantic=False), work,
-            progress))
+            progress, isolate))
     )
     plan = (
         summaries
@@ -288,8 +291,23 @@ def _write_ledger(kept, rejections, out: str, stage: str, earlier=None) -> None:
 
 
 def step_prepare(ctx: RunContext):
-    with ctx.beam_step("prepare", ctx.rows_in) as progress:
-        counters = run_beam(lambda p: build_prepare_graph(p, ctx, progress), ctx.options)
+    inflight = ctx.path(WORK, "inflight")
+    suspects = frozenset(url.rsplit("/", 1)[-1] for url in storage.list_files(inflight, "*"))
+    if suspects:
+        log.warning("prepare: a worker died on chunk(s) %s last time: their rows are probed one at a time",
+                    sorted(suspects))
+    storage.remove_tree(inflight)
+    try:
+        with ctx.beam_step("prepare", ctx.rows_in) as progress:
+            counters = run_beam(lambda p: build_prepare_graph(p, ctx, progress, suspects), ctx.options)
+    except Exception as exc:  # noqa: BLE001 - re-raised, one line if a worker process died
+        left = sorted(url.rsplit("/", 1)[-1] for url in storage.list_files(inflight, "*"))
+        if left:
+            raise WorkerDied(
+                f"prepare: a worker process died while processing chunk(s) {', '.join(left[:5])} "
+                f"({type(exc).__name__}); rerun the same command: those chunks' rows are then tried one at a "
+                "time, and a row that kills its process again is rejected as WORKER_CRASHED") from exc
+        raise
     for work in (STAGING, SLICES, DECISIONS):
         storage.remove_tree(ctx.path(work))
     index = storage.read_json(ctx.path(PREPARED, "index.json"))

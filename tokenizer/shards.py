@@ -63,13 +63,24 @@ def list_shards(curated_url: str, pattern: str = "images-*.tar") -> list[str]:
     return [fs.unstrip_protocol(p) if "://" in curated_url else p for p in paths]
 
 
-def iter_shard(url: str) -> Iterator[CuratedSample]:
-    """Yield the samples of one tar shard in file order, streaming."""
-    with fsspec.open(url, "rb") as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
+MAX_MEMBER_BYTES = 64 * 1024 * 1024  # a member bigger than this is skipped, never read into memory
+
+
+def iter_shard(url: str, max_member_bytes: int = MAX_MEMBER_BYTES) -> Iterator[CuratedSample]:
+    """Yield the samples of one tar shard in file order, streaming.
+
+    Shards are plain tar (no transparent decompression: a 285 KB gzip must not become 300 MB
+    in memory), and a member larger than `max_member_bytes` is skipped with a warning.
+    """
+    with fsspec.open(url, "rb") as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
         current: str | None = None
         parts: dict[str, bytes] = {}
         for member in tar:
             if not member.isfile():
+                continue
+            if member.size > max_member_bytes:
+                log.warning("shard %s: member %s is %d bytes (> %d); skipped", url, member.name, member.size,
+                            max_member_bytes)
                 continue
             name = member.name.rsplit("/", 1)[-1]
             key, _, ext = name.partition(".")

@@ -34,6 +34,8 @@ broken manifest pays.
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import threading
 from collections import defaultdict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -108,8 +110,10 @@ class ProcessChunk(beam.DoFn):
     """
 
     def __init__(self, validate: ValidateConfig, policy: LicensePolicy, fetch: FetchConfig, decode: DecodeConfig,
-                 dedup: DedupConfig, work_dir: str, progress: Progress | None = None):
+                 dedup: DedupConfig, work_dir: str, progress: Progress | None = None,
+                 isolate: frozenset[str] = frozenset()):
         super().__init__()
+        self.isolate = isolate  # chunks a worker died on in the last attempt: rows probed one by one
         self.validate_cfg, self.policy, self.fetch_cfg, self.decode_cfg, self.dedup_cfg = validate, policy, fetch, decode, dedup
         self.work_dir = work_dir
         self.progress = progress
@@ -119,6 +123,7 @@ class ProcessChunk(beam.DoFn):
         self._after_fetch: list[beam.DoFn] = []
         self._pool: ThreadPoolExecutor | None = None
         self._ticker = None
+        self._crashed = Metrics.counter("decode", f"rejected/{RejectReason.WORKER_CRASHED.value}")
 
     def setup(self) -> None:
         dedup = self.dedup_cfg
@@ -143,11 +148,14 @@ class ProcessChunk(beam.DoFn):
             self._pool.shutdown(wait=False, cancel_futures=True)
 
     def process(self, chunk: Chunk) -> Iterator[dict[str, Any]]:
+        marker = inflight_url(self.work_dir, chunk.name)  # left behind only if this worker dies
+        storage.write_bytes(marker, b"")
         staging = storage.SpanWriter(storage.join(self.work_dir, "staging", chunk.name + ".bin"))
         rows: list[dict[str, Any]] = []
         ticker = self._ticker
+        isolate = chunk.name in self.isolate
         try:
-            for row in self._rows(chunk.source_rows(), staging):
+            for row in self._rows(chunk.source_rows(), staging, isolate):
                 rows.append(row)
                 if ticker:
                     ticker.add(1)
@@ -158,10 +166,12 @@ class ProcessChunk(beam.DoFn):
         table = pa.Table.from_pylist(rows, schema=SLICE_SCHEMA)
         with storage.atomic_open(slice_url(self.work_dir, chunk.name), "wb") as handle:
             pq.write_table(table, handle, compression="zstd")
+        storage.remove_tree(marker)
         yield {"chunk": chunk.name, "manifest_index": chunk.manifest_index, "index": chunk.index,
                "rows": len(rows), "kept": sum(r["status"] == "kept" for r in rows)}
 
-    def _rows(self, sources: Iterable[SourceRow], staging: storage.SpanWriter) -> Iterator[dict[str, Any]]:
+    def _rows(self, sources: Iterable[SourceRow], staging: storage.SpanWriter,
+              isolate: bool = False) -> Iterator[dict[str, Any]]:
         """Each source row's slice row, in order, with fetches running ahead in the pool."""
         cfg = self.fetch_cfg
         held = _HeldBytes()
@@ -193,9 +203,24 @@ class ProcessChunk(beam.DoFn):
                 held.release(fetched.size)
                 asset, rejected = _outcome(self._fetch.run(asset, lambda a, f=fetched: self._fetch.finish(a, f)))
                 del fetched
+            if isolate and asset is not None:
+                died = _probe(lambda a=asset: self._after(a))
+                if died:
+                    self._crashed.inc()
+                    asset, rejected = None, asset.reject("decode", RejectReason.WORKER_CRASHED, died)
             yield self._finish(asset, rejected, validated, staging)
 
+    def _after(self, asset: Asset) -> None:
+        """The stages after fetch (decode, hashes), where native code can kill a process."""
+        _injected_crash(asset)
+        for stage in self._after_fetch:
+            if asset is None:
+                return
+            asset, _ = _outcome(stage.process(asset))
+
     def _finish(self, asset: Asset | None, rejected: Any, validated: bool, staging: storage.SpanWriter) -> dict[str, Any]:
+        if asset is not None:
+            _injected_crash(asset)
         for stage in self._after_fetch:
             if asset is None:
                 break
@@ -210,6 +235,55 @@ class ProcessChunk(beam.DoFn):
                    area=(asset.source_width or 0) * (asset.source_height or 0),
                    record=staging.append(encode_record(asset)))
         return row
+
+
+CRASH_ROW_ENV = "CM3CURATE_CRASH_ROW"  # "<manifest file name>#<row>": that row kills its process (tests, drills)
+
+
+def _injected_crash(asset: Asset) -> None:
+    """Fault injection for tests and drills: with CM3CURATE_CRASH_ROW set to this row, the
+    process dies here as a native crash in decode would (SIGSEGV). Unset: nothing happens."""
+    crash_row = os.environ.get(CRASH_ROW_ENV)
+    if crash_row and crash_row == f"{asset.manifest_uri.rsplit('/', 1)[-1]}#{asset.manifest_row}":
+        os.kill(os.getpid(), signal.SIGSEGV)
+
+
+def inflight_url(work_dir: str, chunk: str) -> str:
+    return storage.join(work_dir, "inflight", chunk)
+
+
+def _probe(work: Any, timeout_s: float = 600.0) -> str | None:
+    """Run `work()` in a forked child; None if it returned, else how the child died.
+
+    Used only for rows of a chunk that a worker died on: a segfault or an out-of-memory kill
+    then costs that child, not the worker, and the row is rejected (WORKER_CRASHED). Nothing
+    comes back from the child but its exit status.
+    """
+    import time
+
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into the caller's frames
+        try:
+            work()  # a Python error here is the stage's to report in the parent, not a crash
+        finally:
+            os._exit(0)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return f"the row did not finish within {timeout_s:.0f} s when retried alone"
+        time.sleep(0.005)
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
+        return f"a worker process died on this row ({name}); retried alone, it died again"
+    if os.WEXITSTATUS(status) != 0:
+        return f"a worker process exited with status {os.WEXITSTATUS(status)} on this row; retried alone, again"
+    return None
 
 
 class _HeldBytes:

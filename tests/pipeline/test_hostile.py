@@ -227,3 +227,53 @@ def test_user_errors_are_one_line_and_rc_2(tmp_path):
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and 1 <= len(lines) <= 3 and "Traceback" not in result.stderr, (case, lines)
     assert not Path(out).exists()  # checked before anything was written
+
+
+def test_shard_reader_caps_members_and_never_decompresses(tmp_path):
+    import gzip
+    import io
+    import tarfile
+
+    from tokenizer.shards import iter_shard
+
+    def tar_bytes(members: dict[str, bytes]) -> bytes:
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            for name, data in members.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        return buf.getvalue()
+
+    jpeg = (ROOT / "manifests" / "demo" / "bad" / "tiny.jpg").read_bytes()
+    shard = tmp_path / "images-000000.tar"
+    shard.write_bytes(tar_bytes({"a.jpg": jpeg, "a.json": b'{"key": "a"}', "b.jpg": b"x" * 5000, "c.jpg": jpeg}))
+    assert [s.key for s in iter_shard(str(shard), max_member_bytes=4096)] == ["a", "c"]  # b's 5 KB never read
+    bomb = tmp_path / "images-000001.tar"  # a gzip that would expand 1,000x inside the reader
+    bomb.write_bytes(gzip.compress(tar_bytes({"z.jpg": b"\0" * 5_000_000})))
+    assert bomb.stat().st_size < 50_000
+    with pytest.raises(tarfile.ReadError):
+        list(iter_shard(str(bomb)))
+
+
+@pytest.mark.slow
+def test_a_row_that_kills_its_worker_is_isolated_on_the_rerun(tmp_path):
+    """A native crash (here injected with CM3CURATE_CRASH_ROW: SIGSEGV in decode) kills the worker:
+    the run stops with one line; the rerun probes that chunk's rows one at a time in forked
+    children and rejects the killer as WORKER_CRASHED, and the delivery completes."""
+    manifest = _small_delivery(tmp_path, rows=8)
+    config = _config(tmp_path, [manifest], dedup={"exact": False, "near": False})
+    out = tmp_path / "out"
+    env = {**os.environ, "CM3CURATE_CRASH_ROW": "m.jsonl#3"}
+    args = [CURATE, "run", "--config", str(config), "--out", str(out), "--until", "curated"]
+    first = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
+    assert first.returncode == 1, first.stderr[-3000:]
+    assert "worker process died" in first.stderr and "WORKER_CRASHED" in first.stderr
+    said = [line for line in first.stderr.splitlines() if line.strip() and not line.startswith("prepare:")]
+    assert len(said) <= 2 and all(line.startswith("curate: ") for line in said), said  # the reason + the log's path
+    second = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
+    assert second.returncode == 0, second.stderr[-3000:]
+    ledger = _ledger(out)
+    assert len(ledger) == 8
+    assert ledger[("m.jsonl", 3)]["reason"] == "WORKER_CRASHED" and "SIGSEGV" in ledger[("m.jsonl", 3)]["detail"]
+    assert all(ledger[("m.jsonl", r)]["status"] == "kept" for r in range(1, 9) if r != 3)
