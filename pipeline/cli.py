@@ -315,6 +315,45 @@ def add_sample_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
+AUDIT_HELP = """Answer an auditor's questions from a run's own tables (DuckDB over its Parquet files).
+
+  trace KEY      every asset in a sequence (main and neighbours), or one asset, with its
+                 license, licensor, manifest URI and row, and the curation decisions
+  asset ID       every sequence and shard holding the asset (main or neighbour), or why it
+                 was rejected
+  license ID     the kept assets under a license, and the sequences and tokens they account for
+  sql "QUERY"    your own SQL over the views ledger, curated, sequences, neighbours, takedowns
+
+A readable table by default; --json for tools. See docs/audit.md."""
+
+
+def add_audit_parser(sub: argparse._SubParsersAction) -> None:
+    audit = sub.add_parser("audit", help="trace tokens to licenses; query the run's tables (DuckDB)",
+                           description=AUDIT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    questions = audit.add_subparsers(dest="question", required=True)
+    for name, arg, text in (("trace", "KEY", "a sequence key, a curated key or an asset_id"),
+                            ("asset", "ID", "an asset_id"), ("license", "ID", "a license id, e.g. CC-BY-2.0"),
+                            ("sql", "QUERY", "SQL over ledger, curated, sequences, neighbours, takedowns")):
+        q = questions.add_parser(name, help=text, description=text)
+        q.add_argument("value", metavar=arg, help=text)
+        q.add_argument("--out", required=True, metavar="RUN_OUT", help="the run's output folder or URL")
+        q.add_argument("--json", action="store_true", help="JSON instead of a table")
+        q.add_argument("-v", "--verbose", action="store_true")
+
+
+def audit_command(args: argparse.Namespace) -> int:
+    from pipeline import audit
+
+    ask = {"trace": audit.trace, "asset": audit.asset, "license": audit.license_report, "sql": audit.sql}
+    try:
+        answer = ask[args.question](args.out, args.value)
+    except audit.AuditError as exc:
+        print(f"curate audit {args.question}: {exc}", file=sys.stderr)
+        return 2
+    print(audit.render(answer, args.json))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="curate", description="Licensed image-text corpus -> curated store -> CM3 token shards.",
@@ -350,6 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     lm.add_argument("-v", "--verbose", action="store_true")
     lm.set_defaults(manifest=None, policy=None, until=None)
     add_sample_parser(sub)
+    add_audit_parser(sub)
     return parser
 
 
@@ -361,6 +401,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for noisy in ("apache_beam", "urllib3", "fsspec", "faiss"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if args.verbose else logging.ERROR)
     try:
+        if args.command == "audit":
+            if beam_flags:
+                raise ConfigError(f"audit does not know {beam_flags} (see curate audit --help)")
+            return audit_command(args)
         if args.command == "sample":
             if beam_flags:
                 raise ConfigError(f"sample does not know {beam_flags} (see curate sample --help)")

@@ -270,3 +270,84 @@ def test_bad_tokens_config_is_one_clear_line(tiny_corpus, tmp_path):
         from_dict(RunConfig, {"tokens": {"order": "sideways"}})
     with pytest.raises(ConfigError, match="tokens.k is 3 .* neighbours.k = 2"):
         run(dataclasses.replace(_config(tiny_corpus["manifest"], tmp_path), tokens=TokensConfig(k=3)), until="tokens")
+
+
+# -- curate audit over this run (docs/audit.md) ---------------------------------------------------
+
+
+def test_audit_trace_lists_every_asset_of_a_sequence_with_its_license(tokens_run):
+    from pipeline import audit
+
+    out = str(tokens_run["out"])
+    ledger_rows = {r["asset_id"]: r for r in ledger.read_ledger(out).to_pylist() if r["status"] == "kept"}
+    seq = max(_sequences(tokens_run["out"]), key=lambda r: len(r["asset_ids"]))  # one with neighbours
+    assert len(seq["asset_ids"]) > 1
+    answer = audit.trace(out, seq["key"]).to_json()["rows"]
+    assert [r["asset_id"] for r in answer] == seq["asset_ids"]
+    assert [r["role"] for r in answer] == seq["roles"]
+    for r in answer:
+        source = ledger_rows[r["asset_id"]]
+        assert (r["license_id"], r["licensor"], r["manifest_uri"], r["manifest_row"]) == (
+            source["license_id"], source["licensor"], source["manifest_uri"], source["manifest_row"])
+        assert r["status"] == "kept" and r["shard"] == seq["shard"]
+
+
+def test_audit_asset_finds_it_as_main_and_as_neighbour_or_says_why_not(tokens_run):
+    from pipeline import audit
+
+    out = str(tokens_run["out"])
+    sequences = _sequences(tokens_run["out"])
+    used = [a for s in sequences for a, role in zip(s["asset_ids"], s["roles"]) if role == "neighbour"]
+    asset_id = max(set(used), key=used.count)
+    rows = audit.asset(out, asset_id).to_json()["rows"]
+    expected = sorted((s["key"], role) for s in sequences for a, role in zip(s["asset_ids"], s["roles"]) if a == asset_id)
+    assert sorted((r["sequence"], r["role"]) for r in rows) == expected
+    assert sum(r["role"] == "main" for r in rows) == 1
+    rejected = audit.asset(out, tokens_run["special"]["long"]).to_json()["rows"]
+    assert [(r["status"], r["reason"]) for r in rejected] == [("rejected", "SEQUENCE_TOO_LONG")]
+    with pytest.raises(audit.AuditError, match="in no manifest row"):
+        audit.asset(out, "no-such-asset")
+
+
+def test_audit_license_counts_assets_sequences_and_tokens(tokens_run):
+    from pipeline import audit
+
+    out = str(tokens_run["out"])
+    kept = [r for r in ledger.read_ledger(out).to_pylist() if r["status"] == "kept"]
+    license_id = max({r["license_id"] for r in kept}, key=lambda lic: sum(r["license_id"] == lic for r in kept))
+    mine = {r["asset_id"] for r in kept if r["license_id"] == license_id}
+    answer = audit.license_report(out, license_id)
+    rows = answer.to_json()["rows"]
+    assert {r["asset_id"] for r in rows} == mine
+    sequences = _sequences(tokens_run["out"])
+    assert sum(r["main_tokens"] for r in rows) == sum(s["num_tokens"] for s in sequences if s["main_asset_id"] in mine)
+    assert sum(r["neighbour_in"] for r in rows) == sum(
+        a in mine for s in sequences for a, role in zip(s["asset_ids"], s["roles"]) if role == "neighbour")
+    assert f"{len(mine)} kept assets" in answer.note
+
+
+def test_audit_sql_and_the_cli(tokens_run):
+    import subprocess
+    import sys
+
+    from pipeline import audit
+
+    out = str(tokens_run["out"])
+    rows = ledger.read_ledger(out).num_rows
+    answer = audit.sql(out, "SELECT count(*) AS n, count(DISTINCT l.asset_id) AS ids FROM ledger l "
+                            "LEFT JOIN curated c USING (asset_id) LEFT JOIN takedowns t USING (asset_id)")
+    assert answer.rows[0][0] == rows
+    with pytest.raises(audit.AuditError, match="^sql: "):
+        audit.sql(out, "SELECT nope FROM ledger")
+    key = _sequences(tokens_run["out"])[0]["key"]
+    curate = str(Path(sys.executable).parent / "curate")
+    result = subprocess.run([curate, "audit", "trace", key, "--out", out, "--json"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["rows"][0]["role"] == "main"
+    table = subprocess.run([curate, "audit", "license", "CC-BY-2.0", "--out", out], capture_output=True, text=True,
+                           timeout=120)
+    assert table.returncode == 0 and "license CC-BY-2.0: kept assets" in table.stdout and "main_tokens" in table.stdout
+    missing = subprocess.run([curate, "audit", "trace", "nope", "--out", out], capture_output=True, text=True,
+                             timeout=120)
+    assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1
