@@ -339,12 +339,46 @@ def add_audit_parser(sub: argparse._SubParsersAction) -> None:
         q.add_argument("--out", required=True, metavar="RUN_OUT", help="the run's output folder or URL")
         q.add_argument("--json", action="store_true", help="JSON instead of a table")
         q.add_argument("-v", "--verbose", action="store_true")
+    text = ("remove assets from every output of a run (ledger: TAKEN_DOWN; store, codes, index, neighbours; "
+            "only the token/SFT shards that hold them are rewritten) and record them so no later run brings "
+            "them back; a killed takedown is completed by running it again")
+    td = questions.add_parser("takedown", help=text, description=text)
+    td.add_argument("value", metavar="ID", nargs="*", help="asset ids")
+    td.add_argument("--license", metavar="L", help="every kept asset under this license id")
+    td.add_argument("--licensor", metavar="X", help="every kept asset of this licensor")
+    td.add_argument("--reason", required=True, help="why (recorded with every asset)")
+    td.add_argument("--out", required=True, metavar="RUN_OUT", help="the run's output folder or URL")
+    td.add_argument("--json", action="store_true", help="the report as JSON (default: a summary)")
+    td.add_argument("-v", "--verbose", action="store_true")
 
 
 def audit_command(args: argparse.Namespace) -> int:
     from pipeline import audit
 
     ask = {"trace": audit.trace, "asset": audit.asset, "license": audit.license_report, "sql": audit.sql}
+    if args.question == "takedown":
+        import json
+
+        from pipeline.rundir import RunLock
+        from pipeline.takedown import takedown
+
+        try:
+            with RunLock(args.out, command="curate audit takedown"):
+                report = takedown(args.out, args.value, args.license, args.licensor, args.reason)
+        except (audit.AuditError, OutputFolderError) as exc:
+            print(f"curate audit takedown: {exc}", file=sys.stderr)
+            return 2
+        if args.json:
+            print(json.dumps(report, indent=2))
+        else:
+            print(f"taken down: {len(report['assets'])} asset(s) "
+                  f"({sum(a['match'] != 'requested' for a in report['assets'])} exact copies); token shards "
+                  f"rewritten {report['token_shards_rewritten']}, sequences changed {len(report['sequences_changed'])}, "
+                  f"dropped {len(report['sequences_dropped'])}; curated shards rewritten "
+                  f"{len(report['curated_shards_rewritten'])}; models trained with them: "
+                  f"{', '.join(m['model'] for m in report['models_trained_with_these_assets']) or 'none'} "
+                  f"(retrain to remove their influence); report: {args.out}/takedowns/")
+        return 0
     try:
         answer = ask[args.question](args.out, args.value)
     except audit.AuditError as exc:

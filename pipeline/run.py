@@ -41,6 +41,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from manifests.policy import LicensePolicy, load_policy
 from pipeline import ledger, rundir, storage
 from pipeline.progress import Monitor, Progress, counted
+from pipeline.takedown import taken_down
 from pipeline.config import ConfigError, RunConfig, describe_yaml_error, missing_backend, url_scheme
 from pipeline.stages.base import REJECTED
 from pipeline.stages.dedup import DedupSemantic
@@ -261,7 +262,8 @@ def build_prepare_graph(p: beam.Pipeline, ctx: RunContext, progress: Progress | 
     plan = (
         summaries
         | "CollectChunks" >> beam.combiners.ToList()
-        | "Decide" >> beam.ParDo(prepare.Decide(cfg.dedup, work, cfg.curated.samples_per_shard)).with_outputs(
+        | "Decide" >> beam.ParDo(prepare.Decide(cfg.dedup, work, cfg.curated.samples_per_shard,
+                                                taken_down(cfg.out))).with_outputs(
             prepare.Decide.LEDGER, main="shards")
     )
     prepared = ctx.path(PREPARED)

@@ -327,11 +327,13 @@ class Decide(beam.DoFn):
 
     LEDGER = "ledger"
 
-    def __init__(self, dedup: DedupConfig, work_dir: str, samples_per_shard: int):
+    def __init__(self, dedup: DedupConfig, work_dir: str, samples_per_shard: int,
+                 taken_down: tuple[frozenset[str], frozenset[str]] = (frozenset(), frozenset())):
         super().__init__()
         self.dedup = dedup
         self.work_dir = work_dir
         self.samples_per_shard = samples_per_shard
+        self.taken_down = taken_down  # (asset ids, sha256s) of OUT/takedowns.jsonl: never come back
 
     def process(self, summaries: list[dict[str, Any]]) -> Iterator[Any]:
         chunks = sorted(summaries, key=lambda s: (s["manifest_index"], s["index"]))
@@ -344,6 +346,7 @@ class Decide(beam.DoFn):
             part_of.extend([ledger_part(s["manifest_index"], s["index"])] * table.num_rows)
         changes: dict[int, dict[str, Any]] = {}
         survivors = self._repeated_ids(cols, changes)
+        survivors = self._not_taken_down(cols, survivors, changes)
         previous = load_previous_hashes(self.dedup.previous_run) if self.dedup.previous_run else []
         if self.dedup.exact:
             survivors = self._exact(cols, survivors, previous, changes)
@@ -388,6 +391,28 @@ class Decide(beam.DoFn):
             elif cols["status"][i] == "kept":
                 survivors.append(i)
         return survivors
+
+    # -- takedowns --------------------------------------------------------------------------
+
+    def _not_taken_down(self, cols: dict[str, list[Any]], survivors: list[int],
+                        changes: dict[int, dict[str, Any]]) -> list[int]:
+        """An asset taken down in this output folder stays out: by id, and by sha256 (a re-upload
+        under a new id, or an exact copy)."""
+        ids, shas = self.taken_down
+        if not ids and not shas:
+            return survivors
+        counter = Metrics.counter("audit", f"rejected/{RejectReason.TAKEN_DOWN.value}")
+        kept = []
+        for i in survivors:
+            by = "asset_id" if cols["asset_id"][i] in ids else "sha256" if cols["sha256"][i] in shas else None
+            if by is None:
+                kept.append(i)
+                continue
+            counter.inc()
+            changes[i] = {"status": "rejected", "stage": "audit", "reason": RejectReason.TAKEN_DOWN.value,
+                          "detail": f"taken down earlier (matched by {by}; OUT/takedowns.jsonl)", "dup_of": None,
+                          "cluster_id": None}
+        return kept
 
     # -- exact duplicates -----------------------------------------------------------------
 

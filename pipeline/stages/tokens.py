@@ -223,25 +223,45 @@ class _WriteTokenShard(beam.DoFn):
                 mains[key] = doc
             else:
                 ranked.setdefault(key, []).append((rank, score, doc))
-        sequences, rows = [], []
-        for key in sorted(mains):
-            main = mains[key]
-            self.seen.inc()
-            candidates = sorted(ranked.get(key, []), key=lambda n: n[0])
-            chosen = fit_neighbours(main, [d for _, _, d in candidates], self.cfg.k, self.cfg.max_tokens)
-            if chosen is None:
-                self.too_long.inc()
-                detail = (f"document alone is {sequence_length(main, [])} tokens (caption {len(main.text)}, "
-                          f"image {len(main.codes)}), tokens.max_tokens is {self.cfg.max_tokens}")
-                yield beam.pvalue.TaggedOutput(TOO_LONG, (key, main.asset_id, detail))
-                continue
-            self.dropped.inc(min(len(candidates), self.cfg.k) - len(chosen))
-            self.kept.inc()
-            order = sequence_order(self.cfg, self.seed, key)
-            sequences.append(assemble(self.vocab, main, chosen, order))
-            rows.append(provenance_row(main, chosen, [s for _, s, _ in candidates[: len(chosen)]], order))
-        if sequences:
-            yield write_token_shard(self.tokens_dir, shard, sequences, rows, self.dtype, self.cfg.webdataset)
+        built = build_sequences(self.vocab, self.cfg, self.seed, mains, ranked)
+        self.seen.inc(len(mains))
+        self.kept.inc(len(built.sequences))
+        self.dropped.inc(built.dropped)
+        for key, asset_id, detail in built.too_long:
+            self.too_long.inc()
+            yield beam.pvalue.TaggedOutput(TOO_LONG, (key, asset_id, detail))
+        if built.sequences:
+            yield write_token_shard(self.tokens_dir, shard, built.sequences, built.rows, self.dtype, self.cfg.webdataset)
+
+
+@dataclass
+class BuiltShard:
+    sequences: list[np.ndarray]
+    rows: list[dict[str, Any]]
+    too_long: list[tuple[str, str, str]]  # (key, asset_id, detail)
+    dropped: int  # neighbours left out to fit tokens.max_tokens
+
+
+def build_sequences(vocab, cfg: TokensConfig, seed: int, mains: Mapping[str, Document],
+                    ranked: Mapping[str, Sequence[tuple[int, float, Document]]]) -> BuiltShard:
+    """One shard's sequences, sorted by key: each main document with the first `cfg.k` of its
+    ranked (rank, score, document) candidates that fit the budget. The tokens step and a
+    takedown (pipeline/takedown.py) build shards with this one function."""
+    built = BuiltShard([], [], [], 0)
+    for key in sorted(mains):
+        main = mains[key]
+        candidates = sorted(ranked.get(key, []), key=lambda n: n[0])
+        chosen = fit_neighbours(main, [d for _, _, d in candidates], cfg.k, cfg.max_tokens)
+        if chosen is None:
+            built.too_long.append((key, main.asset_id, f"document alone is {sequence_length(main, [])} tokens "
+                                   f"(caption {len(main.text)}, image {len(main.codes)}), tokens.max_tokens is "
+                                   f"{cfg.max_tokens}"))
+            continue
+        built.dropped += min(len(candidates), cfg.k) - len(chosen)
+        order = sequence_order(cfg, seed, key)
+        built.sequences.append(assemble(vocab, main, chosen, order))
+        built.rows.append(provenance_row(main, chosen, [s for _, s, _ in candidates[: len(chosen)]], order))
+    return built
 
 
 def write_token_shard(tokens_dir: str, shard: int, sequences: Sequence[np.ndarray], rows: Sequence[dict[str, Any]],

@@ -351,3 +351,68 @@ def test_audit_sql_and_the_cli(tokens_run):
     missing = subprocess.run([curate, "audit", "trace", "nope", "--out", out], capture_output=True, text=True,
                              timeout=120)
     assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1
+
+
+def test_takedown_removes_an_asset_everywhere_and_rewrites_only_its_shards(tokens_run, tmp_path):
+    from pipeline import audit
+    from pipeline.stages.tokens import read_codes
+    from pipeline.takedown import takedown
+
+    out = tmp_path / "out"
+    shutil.copytree(tokens_run["out"], out)
+    sequences = _sequences(out)
+    used = [a for s in sequences for a, role in zip(s["asset_ids"], s["roles"]) if role == "neighbour"]
+    shards_of = {a: {s["shard"] for s in sequences if a in s["asset_ids"]} for a in set(used)}
+    target = min(sorted(shards_of), key=lambda a: len(shards_of[a]))  # a main document and others' neighbour
+    assert len(shards_of[target]) < len({s["shard"] for s in sequences})  # some shard must stay untouched
+    key = next(s["key"] for s in sequences if s["main_asset_id"] == target)
+    codes = dict(kv for url in sorted((out / "codes").glob("codes-*.parquet")) for kv in read_codes(str(url)))[key]
+    vocab = JointVocab.load(str(out / "tokens" / "vocab.json"), with_text=False)
+    run_ids = vocab.codes_to_ids(codes)[:64]  # the start of the asset's image-code run
+
+    def holds_run(tokens: np.ndarray) -> bool:
+        window = np.lib.stride_tricks.sliding_window_view(tokens, len(run_ids))
+        return bool((window == run_ids).all(axis=1).any())
+
+    assert sum(holds_run(t) for t in _shard_tokens(out).values()) == 1 + used.count(target)
+    before = json.loads((out / "tokens" / "index.json").read_text())
+    files_before = {p.name: p.read_bytes() for p in (out / "tokens").glob("tokens-*")}
+    rows_before = ledger.read_ledger(str(out)).num_rows
+
+    report = takedown(str(out), [target], reason="licensor withdrew consent")
+    assert [a["asset_id"] for a in report["assets"]] == [target]
+    assert report["sequences_dropped"] == [key] and len(report["sequences_changed"]) == used.count(target)
+    after = _sequences(out)
+    assert all(target not in s["asset_ids"] for s in after)  # gone as main and as neighbour
+    assert not any(holds_run(t) for t in _shard_tokens(out).values())  # no shard holds its codes
+    assert len(after) == len(sequences) - 1
+    changed = {s["key"]: s for s in after if s["key"] in report["sequences_changed"]}
+    assert all(len(s["asset_ids"]) >= 1 for s in changed.values())
+    rewritten = set(report["token_shards_rewritten"])
+    assert rewritten and rewritten != {e["shard"] for e in before["shards"]}  # not everything
+    for name, data in files_before.items():  # untouched shards keep their bytes
+        if int(name.split("-")[1].split(".")[0]) not in rewritten:
+            assert (out / "tokens" / name).read_bytes() == data, name
+    index = json.loads((out / "tokens" / "index.json").read_text())
+    assert index["sequences"] == before["sequences"] - 1
+    for entry in index["shards"]:  # the index matches the files
+        assert hashlib.sha256((out / "tokens" / f"{entry['name']}.bin").read_bytes()).hexdigest() == entry["bin_sha256"]
+    ledger_rows = {r["asset_id"]: r for r in ledger.read_ledger(str(out)).to_pylist()}
+    assert ledger_rows[target]["reason"] == "TAKEN_DOWN" and ledger.read_ledger(str(out)).num_rows == rows_before
+    curated = [r for p in sorted((out / "curated").glob("metadata-*.parquet")) for r in pq.read_table(p).to_pylist()]
+    assert target not in {r["asset_id"] for r in curated}
+    assert audit.asset(str(out), target).to_json()["rows"][0]["reason"] == "TAKEN_DOWN"
+    again = takedown(str(out), [target], reason="licensor withdrew consent")  # a rerun changes nothing
+    assert again["assets"] == [] and again["token_shards_rewritten"] == []
+
+    # a later run into this folder keeps it out, also when re-uploaded under a new id
+    manifest = tokens_run["manifest"]
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    original = next(r for r in rows if r["asset_id"] == target)
+    copy = tmp_path / "manifest.jsonl"
+    shutil.copytree(manifest.parent / "images", tmp_path / "images")
+    copy.write_text("".join(json.dumps(r) + "\n" for r in rows + [{**original, "asset_id": "re-upload"}]))
+    run(dataclasses.replace(_config(copy, out), seed=1), until="tokens", beam_flags=IN_MEMORY)
+    ledger_rows = {r["asset_id"]: r for r in ledger.read_ledger(str(out)).to_pylist()}
+    assert (ledger_rows[target]["reason"], ledger_rows["re-upload"]["reason"]) == ("TAKEN_DOWN", "TAKEN_DOWN")
+    assert all(not {target, "re-upload"} & set(s["asset_ids"]) for s in _sequences(out))
