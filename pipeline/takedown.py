@@ -9,8 +9,9 @@ A takedown:
    (same sha256 under another id), and appends them to `OUT/takedowns.jsonl` first: the
    record of intent, which a later `curate run` also honours (by id and by sha256);
 2. marks their ledger rows TAKEN_DOWN (the rows stay: the ledger invariant holds);
-3. rewrites the curated shards, embedding files and code files that hold them, member by
-   member (everything else in those files is copied byte for byte), and rebuilds the index;
+3. rewrites the curated shards (and those of the prepared store kept for re-alignment),
+   embedding files and code files that hold them, member by member (everything else in those
+   files is copied byte for byte), and rebuilds the index;
 4. removes them from the neighbour table; every other document keeps its remaining ranked
    candidates, so a sequence that used a taken-down neighbour gets the next one that fits
    under the same rules (`tokens.k`, `tokens.max_tokens`), or loses the slot;
@@ -331,8 +332,12 @@ def takedown(out: str, asset_ids: Iterable[str] = (), license_id: str | None = N
     records += new
     keys = frozenset(r["key"] for r in records)
     gone = frozenset(r["asset_id"] for r in records)
-    ledger.update_statuses(out, "audit", reject={r["key"]: ("TAKEN_DOWN", f"{r['taken_down_at']}: {r['reason']}")
-                                                 for r in records})
+    rejections = {r["key"]: ("TAKEN_DOWN", f"{r['taken_down_at']}: {r['reason']}") for r in records}
+    ledger.update_statuses(out, "audit", reject=rejections)
+    prepared = storage.join(out, "_work", "prepared")  # the store before alignment, kept to re-align cheaply
+    if storage.exists(storage.join(prepared, "index.json")):
+        _filter_store(prepared, keys)
+        ledger.update_statuses(prepared, "audit", reject=rejections)
     curated = storage.join(out, "curated")
     store = _filter_store(curated, keys) if storage.exists(storage.join(curated, "index.json")) else []
     embeddings = _filter_parquets(curated, "embeddings-*.parquet", keys)
@@ -343,7 +348,6 @@ def takedown(out: str, asset_ids: Iterable[str] = (), license_id: str | None = N
                                     cfg.index)
     tokens = _rewrite_tokens(out, cfg, keys, gone)
     sft = _drop_from_sft(out, gone)
-    storage.remove_tree(storage.join(out, "_work", "prepared"))  # a cache that still holds them
     report = {
         "taken_down_at": stamp, "request": request,
         "assets": [{k: r[k] for k in ("asset_id", "key", "sha256", "license_id", "match")} for r in new],

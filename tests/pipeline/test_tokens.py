@@ -402,6 +402,9 @@ def test_takedown_removes_an_asset_everywhere_and_rewrites_only_its_shards(token
     curated = [r for p in sorted((out / "curated").glob("metadata-*.parquet")) for r in pq.read_table(p).to_pylist()]
     assert target not in {r["asset_id"] for r in curated}
     assert audit.asset(str(out), target).to_json()["rows"][0]["reason"] == "TAKEN_DOWN"
+    prepared = [r for p in sorted((out / "_work" / "prepared").glob("metadata-*.parquet"))
+                for r in pq.read_table(p).to_pylist()]
+    assert prepared and target not in {r["asset_id"] for r in prepared}  # the re-alignment cache too
     again = takedown(str(out), [target], reason="licensor withdrew consent")  # a rerun changes nothing
     assert again["assets"] == [] and again["token_shards_rewritten"] == []
 
