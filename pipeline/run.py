@@ -41,6 +41,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from manifests.policy import LicensePolicy, load_policy
 from pipeline import ledger, rundir, storage
 from pipeline.progress import Monitor, Progress, counted
+from pipeline.card import write_attribution, write_card
 from pipeline.takedown import taken_down
 from pipeline.config import ConfigError, RunConfig, describe_yaml_error, missing_backend, url_scheme
 from pipeline.stages.base import REJECTED
@@ -800,4 +801,6 @@ def _run_steps(cfg: RunConfig, policy: LicensePolicy, until: str, beam_flags: Se
         "counters": counters,
         "ledger": summary.to_json(),
     })
+    write_attribution(cfg.out, policy.attribution_required)
+    write_card(cfg.out, cfg, policy, summary.to_json())  # last: it lists every output file with its sha256
     return RunReport(cfg.out, results, summary, counters)

@@ -19,7 +19,8 @@ A takedown:
    builder (`stages.tokens.build_sequences`), drops the assets' examples from SFT shards, and
    updates each shard set's `index.json`; every other shard keeps its bytes;
 6. writes a report (`OUT/takedowns/report-<time>.json`): shards rewritten, sequences changed
-   and dropped, and the models trained while the assets were in the corpus.
+   and dropped, and the models trained while the assets were in the corpus; and rewrites the
+   attribution list and the Croissant card (pipeline/card.py), whose sha256s have changed.
 
 Every file is replaced atomically, and each part is idempotent given `takedowns.jsonl`, so a
 killed takedown rerun (the same command, or `curate audit takedown --resume`) completes it.
@@ -363,4 +364,12 @@ def takedown(out: str, asset_ids: Iterable[str] = (), license_id: str | None = N
                         "`curate run` with a changed clip_train/vq/text seed) to remove the assets' influence."),
     }
     storage.write_json(storage.join(out, "takedowns", f"report-{stamp.replace(':', '')}.json"), report)
+    from manifests.policy import policy_from_dict
+    from pipeline.card import write_attribution, write_card
+
+    run_record = storage.read_json(storage.join(out, "run.json"))
+    policy = policy_from_dict(run_record["policy"])
+    write_attribution(out, policy.attribution_required)  # the card last: it lists every file's sha256
+    summary = ledger.check_invariant(out, run_record["ledger"]["rows_in"]).to_json()
+    write_card(out, cfg, policy, summary)
     return report

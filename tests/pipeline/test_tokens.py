@@ -405,6 +405,10 @@ def test_takedown_removes_an_asset_everywhere_and_rewrites_only_its_shards(token
     prepared = [r for p in sorted((out / "_work" / "prepared").glob("metadata-*.parquet"))
                 for r in pq.read_table(p).to_pylist()]
     assert prepared and target not in {r["asset_id"] for r in prepared}  # the re-alignment cache too
+    card = {d["contentUrl"]: d["sha256"] for d in json.loads((out / "croissant.json").read_text())["distribution"]
+            if d["@type"] == "cr:FileObject"}  # regenerated: it describes the rewritten files
+    assert all(card[f"tokens/{e['name']}.bin"] == e["bin_sha256"] for e in index["shards"])
+    assert target not in (out / "ATTRIBUTION.csv").read_text()
     again = takedown(str(out), [target], reason="licensor withdrew consent")  # a rerun changes nothing
     assert again["assets"] == [] and again["token_shards_rewritten"] == []
 
@@ -419,3 +423,38 @@ def test_takedown_removes_an_asset_everywhere_and_rewrites_only_its_shards(token
     ledger_rows = {r["asset_id"]: r for r in ledger.read_ledger(str(out)).to_pylist()}
     assert (ledger_rows[target]["reason"], ledger_rows["re-upload"]["reason"]) == ("TAKEN_DOWN", "TAKEN_DOWN")
     assert all(not {target, "re-upload"} & set(s["asset_ids"]) for s in _sequences(out))
+
+
+def test_croissant_card_validates_and_describes_every_file_and_license(tokens_run):
+    import csv
+    import logging
+
+    import mlcroissant as mlc
+
+    out = tokens_run["out"]
+    card = json.loads((out / "croissant.json").read_text())
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    dataset = mlc.Dataset(jsonld=str(out / "croissant.json"))  # raises on an invalid card
+    for field in ("dataCollection", "dataPreprocessingProtocol", "dataManipulationProtocol", "dataLimitations",
+                  "dataBiases", "dataUseCases", "personalSensitiveInformation", "dataReleaseMaintenancePlan"):
+        assert card.get(f"rai:{field}"), field  # the validator checks types, not presence
+    described = {d["contentUrl"]: d["sha256"] for d in card["distribution"] if d["@type"] == "cr:FileObject"}
+    on_disk = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()
+               and not str(p.relative_to(out)).startswith(("_work", "_state", "_logs", ".cm3curate-run"))}
+    assert set(described) == on_disk - {"croissant.json", "ATTRIBUTION.md", "ATTRIBUTION.csv"}
+    for rel in ("tokens/tokens-000000.bin", "ledger/" + sorted(p.name for p in (out / "ledger").iterdir())[0]):
+        assert described[rel] == hashlib.sha256((out / rel).read_bytes()).hexdigest()
+    kept = {r["asset_id"]: r for r in ledger.read_ledger(str(out)).to_pylist() if r["status"] == "kept"}
+    sequences = list(dataset.records("sequences"))
+    assert len(sequences) == len(_sequences(out))
+    for record in sequences:  # the license of every asset of every sequence, as the ledger has it
+        ids = [a.decode() for a in record["sequences/asset_ids"]]
+        assert [lic.decode() for lic in record["sequences/license_ids"]] == [kept[a]["license_id"] for a in ids]
+    assets = {r["assets/asset_id"].decode(): r["assets/license_id"].decode() for r in dataset.records("assets")}
+    curated = [r for p in sorted((out / "curated").glob("metadata-*.parquet")) for r in pq.read_table(p).to_pylist()]
+    assert assets == {r["asset_id"]: r["license_id"] for r in curated}  # every curated asset, its license
+    with open(out / "ATTRIBUTION.csv", newline="") as handle:
+        listed = {row["asset_id"]: row for row in csv.DictReader(handle)}
+    by = {"CC-BY-2.0", "CC-BY-SA-2.0", "CC-BY-NC-2.0", "CC-BY-NC-SA-2.0"}  # the demo policy's attribution_required
+    assert set(listed) == {r["asset_id"] for r in curated if r["license_id"] in by}
+    assert all(row["licensor"] and row["license_url"].startswith("http") for row in listed.values())
