@@ -125,7 +125,7 @@ def _files(out: Path) -> dict[str, bytes]:
 
 @pytest.mark.slow
 def test_a_second_run_into_the_same_folder_is_refused_and_the_first_is_untouched(tmp_path):
-    manifest = _small_delivery(tmp_path)
+    manifest = _small_delivery(tmp_path, rows=150)  # enough work that the first run is still going
     config = _config(tmp_path, [manifest], dedup={"exact": False, "near": False})
     out = tmp_path / "out"
     first = subprocess.Popen([CURATE, "run", "--config", str(config), "--out", str(out), "--until", "curated"],
