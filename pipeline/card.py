@@ -21,7 +21,6 @@ import json
 from typing import Any
 
 import fsspec
-import pyarrow.parquet as pq
 
 from pipeline import storage
 
@@ -51,8 +50,7 @@ def _files(out: str) -> list[tuple[str, int]]:
 def _rows(out: str, folder: str, pattern: str, columns: list[str]) -> list[dict[str, Any]]:
     rows = []
     for url in storage.list_files(storage.join(out, folder), pattern):
-        with fsspec.open(url, "rb") as handle:
-            table = pq.read_table(handle)
+        table = storage.read_table(url)
         rows += table.select([c for c in columns if c in table.column_names]).to_pylist()
     return rows
 

@@ -1,4 +1,5 @@
-"""Live progress of a Beam step: rows done / total, rows per second and ETA on the console.
+"""What a Beam step shows on the console: live progress (rows done / total, rows per second,
+ETA), and nothing else: Beam's own logs go to a file (`stderr_to_log`).
 
 Beam reports its counters only when a pipeline finishes (the local runner included), so a
 step's workers count for themselves: each DoFn instance that holds a `Progress` ticks a
@@ -12,6 +13,8 @@ progress (docs/runners.md).
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
 import os
 import sys
 import tempfile
@@ -19,7 +22,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable, TextIO
+from typing import Any, Callable, Iterator, TextIO
 
 import apache_beam as beam
 
@@ -149,3 +152,46 @@ def counted(pcoll, progress: Progress | None, label: str = "Progress", weight: C
     if progress is None:
         return pcoll
     return pcoll | label >> beam.ParDo(Tick(progress, weight))
+
+
+@contextlib.contextmanager
+def stderr_to_log(url: str) -> Iterator[TextIO]:
+    """Send this process's stderr (file descriptor 2, which the local runner's worker
+    processes inherit) to the log `url` while the block runs; yields a stream on the console.
+
+    Beam's runner and SDK harness log tens of INFO/WARNING lines per pipeline; they belong in
+    the run's folder, not on the user's screen. If the block fails, the log's path is printed
+    on the console. A remote `url` is written locally, then uploaded.
+    """
+    from pipeline import storage
+
+    remote = "://" in url and not url.startswith("file://")
+    local = tempfile.mkstemp(prefix="cm3curate-", suffix=".log")[1] if remote else url.removeprefix("file://")
+    if not remote:
+        os.makedirs(os.path.dirname(local) or ".", exist_ok=True)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    fd = os.open(local, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 2)
+    os.close(fd)
+    console = os.fdopen(os.dup(saved), "w", buffering=1)
+    os.write(2, f"=== {dt.datetime.now(dt.timezone.utc).isoformat()} pid {os.getpid()} ===\n".encode())
+    failed = False
+    try:
+        yield console
+    except KeyboardInterrupt:
+        raise
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        if failed:
+            console.write(f"curate: this step's log (Beam's messages, worker tracebacks): {url}\n")
+        console.close()
+        if remote:
+            with open(local, "rb") as handle:
+                storage.write_bytes(url, handle.read())
+            os.unlink(local)

@@ -33,14 +33,14 @@ import platform
 import time
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any, Callable, Iterator, Sequence, TextIO
+from typing import Any, Callable, Iterator, Sequence
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from manifests.policy import LicensePolicy, load_policy
 from pipeline import ledger, rundir, storage
-from pipeline.progress import Monitor, Progress, counted
+from pipeline.progress import Monitor, Progress, counted, stderr_to_log
 from pipeline.card import write_attribution, write_card
 from pipeline.takedown import taken_down
 from pipeline.config import ConfigError, RunConfig, describe_yaml_error, missing_backend, url_scheme
@@ -108,50 +108,6 @@ class RunContext:
                 yield stack.enter_context(Monitor(step, total, unit, stream=console)).progress
             else:
                 yield None
-
-
-@contextlib.contextmanager
-def stderr_to_log(url: str) -> Iterator[TextIO]:
-    """Send this process's stderr (file descriptor 2, which the local runner's worker
-    processes inherit) to the log `url` while the block runs; yields a stream on the console.
-
-    Beam's runner and SDK harness log tens of INFO/WARNING lines per pipeline; they belong in
-    the run's folder, not on the user's screen. If the block fails, the log's path is printed
-    on the console. A remote `url` is written locally, then uploaded.
-    """
-    import sys
-    import tempfile
-
-    remote = "://" in url and not url.startswith("file://")
-    local = tempfile.mkstemp(prefix="cm3curate-", suffix=".log")[1] if remote else url.removeprefix("file://")
-    if not remote:
-        os.makedirs(os.path.dirname(local) or ".", exist_ok=True)
-    sys.stderr.flush()
-    saved = os.dup(2)
-    fd = os.open(local, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    os.dup2(fd, 2)
-    os.close(fd)
-    console = os.fdopen(os.dup(saved), "w", buffering=1)
-    os.write(2, f"=== {dt.datetime.now(dt.timezone.utc).isoformat()} pid {os.getpid()} ===\n".encode())
-    failed = False
-    try:
-        yield console
-    except KeyboardInterrupt:
-        raise
-    except BaseException:
-        failed = True
-        raise
-    finally:
-        sys.stderr.flush()
-        os.dup2(saved, 2)
-        os.close(saved)
-        if failed:
-            console.write(f"curate: this step's log (Beam's messages, worker tracebacks): {url}\n")
-        console.close()
-        if remote:
-            with open(local, "rb") as handle:
-                storage.write_bytes(url, handle.read())
-            os.unlink(local)
 
 
 @dataclass(frozen=True)

@@ -193,3 +193,20 @@ class RedactingFilter:
         if masked != message:
             record.msg, record.args = masked, ()
         return True
+
+
+def read_table(url: str, columns=None):
+    """A Parquet file (any fsspec URL) as a pyarrow Table, optionally only `columns`."""
+    import pyarrow.parquet as pq
+
+    with fsspec.open(url, "rb") as handle:
+        return pq.read_table(handle, columns=list(columns) if columns else None)
+
+
+def write_table(url: str, table) -> None:
+    """A pyarrow Table as a zstd Parquet file, written atomically (the project's one Parquet writer
+    for whole tables; Beam sinks aside)."""
+    import pyarrow.parquet as pq
+
+    with atomic_open(url, "wb") as handle:
+        pq.write_table(table, handle, compression="zstd")

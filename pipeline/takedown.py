@@ -36,7 +36,6 @@ from typing import Any, Iterable, Sequence
 
 import fsspec
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline import ledger, storage
 from pipeline.audit import AuditError
@@ -58,26 +57,16 @@ def taken_down(out: str) -> tuple[frozenset[str], frozenset[str]]:
     return frozenset(r["asset_id"] for r in records), frozenset(r["sha256"] for r in records if r.get("sha256"))
 
 
-def _read_table(url: str) -> pa.Table:
-    with fsspec.open(url, "rb") as handle:
-        return pq.read_table(handle)
-
-
-def _write_table(url: str, table: pa.Table) -> None:
-    with storage.atomic_open(url, "wb") as handle:
-        pq.write_table(table, handle, compression="zstd")
-
-
 def _filter_parquets(folder: str, pattern: str, keys: frozenset[str], column: str = "key") -> list[str]:
     """Rewrite each file of `folder/pattern` that holds one of `keys` without those rows."""
     rewritten = []
     for url in storage.list_files(folder, pattern):
-        table = _read_table(url)
+        table = storage.read_table(url)
         values = table.column(column).to_pylist()
         keep = [v not in keys for v in values]
         if all(keep):
             continue
-        _write_table(url, table.filter(pa.array(keep)))
+        storage.write_table(url, table.filter(pa.array(keep)))
         rewritten.append(url.rsplit("/", 1)[-1])
     return rewritten
 
@@ -92,7 +81,7 @@ def _filter_store(curated: str, keys: frozenset[str]) -> list[str]:
     rewritten = []
     for entry in list(entries.values()):
         meta_url = storage.join(curated, entry["metadata"])
-        table = _read_table(meta_url)
+        table = storage.read_table(meta_url)
         if not set(table.column("key").to_pylist()) & keys:
             continue
         tar_url = storage.join(curated, entry["tar"])
@@ -107,7 +96,7 @@ def _filter_store(curated: str, keys: frozenset[str]) -> list[str]:
         kept = table.filter(pa.array([k not in keys for k in table.column("key").to_pylist()]))
         if kept.num_rows:
             storage.write_bytes(tar_url, buf.getvalue())
-            _write_table(meta_url, kept)
+            storage.write_table(meta_url, kept)
             entries[entry["shard"]] = {**entry, "samples": kept.num_rows, "tar_sha256": storage.file_sha256(tar_url)}
         else:
             for url in (tar_url, meta_url):
@@ -123,7 +112,7 @@ def _filter_neighbours(index_dir: str, keys: frozenset[str]) -> list[str]:
     """The neighbour table without the taken-down documents, as rows or as candidates."""
     rewritten = []
     for url in storage.list_files(index_dir, "neighbours-*.parquet"):
-        table = _read_table(url)
+        table = storage.read_table(url)
         rows = table.to_pylist()
         changed = False
         out_rows = []
@@ -138,14 +127,14 @@ def _filter_neighbours(index_dir: str, keys: frozenset[str]) -> list[str]:
                 row = {**row, "neighbour_keys": [k for k, _ in kept], "scores": [s for _, s in kept]}
             out_rows.append(row)
         if changed:
-            _write_table(url, pa.Table.from_pylist(out_rows, schema=table.schema))
+            storage.write_table(url, pa.Table.from_pylist(out_rows, schema=table.schema))
             rewritten.append(url.rsplit("/", 1)[-1])
     return rewritten
 
 
 def _sequences(folder: str) -> list[dict[str, Any]]:
     parts = storage.list_files(storage.join(folder, "sequences.parquet"), "*.parquet")
-    return [row for url in parts for row in _read_table(url).to_pylist()]
+    return [row for url in parts for row in storage.read_table(url).to_pylist()]
 
 
 def _shard_tokens(folder: str, shard: int, index: int, dtype) -> Any:
@@ -199,13 +188,13 @@ def _rewrite_tokens(out: str, cfg, keys: frozenset[str], asset_ids: frozenset[st
                      and set(r["asset_ids"][1:]) & asset_ids)
     wanted = {r["key"] for rows in mains_of.values() for r in rows}
     neighbour_rows = {row["key"]: row for url in storage.list_files(storage.join(out, "index"), "neighbours-*.parquet")
-                      for row in _read_table(url).to_pylist() if row["key"] in wanted}
+                      for row in storage.read_table(url).to_pylist() if row["key"] in wanted}
     k = cfg.tokens.k
     for row in neighbour_rows.values():
         wanted.update((row["neighbour_keys"] or [])[:k])
     meta = {}
     for url in storage.list_files(storage.join(out, "curated"), "metadata-*.parquet"):
-        table = _read_table(url).select(["key", "asset_id", "captions", "license_id", "licensor"])
+        table = storage.read_table(url).select(["key", "asset_id", "captions", "license_id", "licensor"])
         meta.update({row["key"]: row for row in table.to_pylist() if row["key"] in wanted})
     codes = {key: c for url in storage.list_files(storage.join(out, "codes"), "codes-*.parquet")
              for key, c in read_codes(url) if key in wanted}

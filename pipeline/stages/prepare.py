@@ -42,9 +42,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Iterable, Iterator
 
 import apache_beam as beam
-import fsspec
 import pyarrow as pa
-import pyarrow.parquet as pq
 from apache_beam.metrics import Metrics
 
 from manifests.policy import LicensePolicy
@@ -164,8 +162,7 @@ class ProcessChunk(beam.DoFn):
             if ticker:
                 ticker.flush()
         table = pa.Table.from_pylist(rows, schema=SLICE_SCHEMA)
-        with storage.atomic_open(slice_url(self.work_dir, chunk.name), "wb") as handle:
-            pq.write_table(table, handle, compression="zstd")
+        storage.write_table(slice_url(self.work_dir, chunk.name), table)
         storage.remove_tree(marker)
         yield {"chunk": chunk.name, "manifest_index": chunk.manifest_index, "index": chunk.index,
                "rows": len(rows), "kept": sum(r["status"] == "kept" for r in rows)}
@@ -313,8 +310,7 @@ def decision_url(work_dir: str, part: str) -> str:
 
 
 def _read_parquet(url: str, columns: Iterable[str] | None = None, schema: pa.Schema | None = None) -> pa.Table:
-    with fsspec.open(url, "rb") as handle:
-        table = pq.read_table(handle, columns=list(columns) if columns else None)
+    table = storage.read_table(url, columns)
     return table.select(schema.names).cast(schema) if schema is not None else table
 
 
@@ -358,8 +354,7 @@ class Decide(beam.DoFn):
             by_part[part_of[i]].append({"manifest_uri": cols["manifest_uri"][i], "manifest_row": cols["manifest_row"][i],
                                         **{f: changes[i].get(f) for f in _DECISION_FIELDS}})
         for part, rows in by_part.items():
-            with storage.atomic_open(decision_url(self.work_dir, part), "wb") as handle:
-                pq.write_table(pa.Table.from_pylist(rows, schema=DECISION_SCHEMA), handle, compression="zstd")
+            storage.write_table(decision_url(self.work_dir, part), pa.Table.from_pylist(rows, schema=DECISION_SCHEMA))
         slices_of: dict[str, list[str]] = defaultdict(list)
         for s in chunks:
             slices_of[ledger_part(s["manifest_index"], s["index"])].append(s["chunk"])

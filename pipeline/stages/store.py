@@ -145,8 +145,7 @@ def write_shard(out_dir: str, shard: int, records: Iterable[tuple[str, Asset]]) 
                 rows.append(metadata_row(asset, key, shard, len(image)))
     table = pa.Table.from_pylist(rows, schema=METADATA_SCHEMA)
     meta_url = storage.join(out_dir, shard_name(shard, "metadata", "parquet"))
-    with storage.atomic_open(meta_url, "wb") as handle:
-        pq.write_table(table, handle, compression="zstd")
+    storage.write_table(meta_url, table)
     return {
         "shard": shard,
         "tar": shard_name(shard),
