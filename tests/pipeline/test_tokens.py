@@ -164,7 +164,7 @@ def test_caption_that_spells_control_tokens_is_plain_text(tokens_run):
 
 
 def test_megatron_reads_the_shards_and_index_json_matches(tokens_run):
-    indexed = pytest.importorskip("megatron.core.datasets.indexed_dataset")
+    from megatron.core.datasets import indexed_dataset as indexed  # a test dependency (pyproject [test])
     out = tokens_run["out"]
     index, _ = load_tokens_index(str(out / "tokens"))
     rows = _sequences(out)

@@ -82,7 +82,7 @@ def _curated(tmp_path_factory, photos: list[Path], captions: dict[str, dict], n:
     for p in photos[:n]:
         asset_id = f"coco-{p.stem}"
         key = hashlib.sha256(asset_id.encode()).hexdigest()[:16]
-        caps = captions.get(p.name, {}).get("captions", ["a photo"])
+        caps = captions[p.name]["captions"]  # every demo photo has its manifest row: a missing one fails here
         samples.append((key, normalise_photo(str(p)), {"asset_id": asset_id, "key": key, "captions": caps, "license_id": "CC-BY-2.0"}))
     urls = write_image_shards(samples, str(out), per_shard=per_shard)
     return {"dir": str(out), "urls": urls, "samples": sorted(samples, key=lambda s: s[0])}

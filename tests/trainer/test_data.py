@@ -301,7 +301,7 @@ def test_dataset_object_holds_arrays_not_python_lists(token_shards):
 
 
 def test_megatron_indexed_dataset_reads_the_shards(token_shards):
-    indexed = pytest.importorskip("megatron.core.datasets.indexed_dataset")
+    from megatron.core.datasets import indexed_dataset as indexed  # a test dependency (pyproject [test])
     ours = TokenShardDataset(token_shards.dir, mask=None)
     for position, shard in enumerate(ours.shard_numbers.tolist()):
         n = int((ours.shard_of == position).sum())
@@ -385,7 +385,7 @@ def test_the_numpy_example_in_the_docs_reads_the_first_sequence(token_shards, tm
 
 
 def test_the_duckdb_queries_in_the_docs_run(token_shards):
-    duckdb = pytest.importorskip("duckdb")
+    import duckdb  # a dependency of cm3curate
     parts = f"{token_shards.dir}/sequences.parquet"
     key = sorted(token_shards.sequences)[0]
     rows = duckdb.sql(doc_block("provenance-sql").replace("OUT/tokens/sequences.parquet", parts).replace("KEY", key)).fetchall()
