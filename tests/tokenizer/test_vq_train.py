@@ -51,7 +51,7 @@ def test_resume_refuses_a_different_config(tmp_path, tiny_cfg, curated_store):
         train_vq(tiny_cfg.replace(codebook_size=32), dict(FAST, max_steps=2), curated_store["urls"], str(tmp_path))
 
 
-def test_crop_stream_is_deterministic_skips_on_resume_and_excludes_heldout(curated_store):
+def test_crop_stream_is_deterministic_and_skips_on_resume(curated_store):
     cfg = TrainVQConfig(**dict(FAST, max_steps=10))
     it = iter_batches(curated_store["urls"], cfg)
     batches = [next(it) for _ in range(5)]
@@ -60,13 +60,32 @@ def test_crop_stream_is_deterministic_skips_on_resume_and_excludes_heldout(curat
     skipped = iter_batches(curated_store["urls"], cfg, start_step=3)
     assert np.array_equal(next(skipped), batches[3])
     assert batches[0].shape == (4, 32, 32, 3) and batches[0].dtype == np.uint8
-    # every crop comes from a training image: held-out pixels never appear
-    held = [np.asarray(Image.open(__import__("io").BytesIO(s[1]))) for s in curated_store["samples"] if is_heldout(s[0])]
-    assert held, "fixture should contain a held-out image"
-    crop = batches[0][0]
-    for img in held:
-        for y in range(0, 256 - 32 + 1, 8):
-            assert not any(np.array_equal(crop, img[y : y + 32, x : x + 32]) for x in range(0, 256 - 32 + 1, 8))
+
+
+def test_crop_stream_reads_the_pixels_of_every_training_image_and_of_no_heldout_one(curated_store, monkeypatch):
+    """Which images' pixels the crop stream decodes, over one epoch: exactly the training split."""
+    import tokenizer.vq.train as train_mod
+
+    decoded: list[str] = []
+    real_iter_shard = train_mod.iter_shard
+
+    class Watched:  # the real sample; records its key when its pixels are read
+        def __init__(self, sample):
+            self.sample, self.key = sample, sample.key
+
+        def array(self):
+            decoded.append(self.key)
+            return self.sample.array()
+
+    monkeypatch.setattr(train_mod, "iter_shard", lambda url: (Watched(s) for s in real_iter_shard(url)))
+    cfg = TrainVQConfig(**dict(FAST, max_steps=10))
+    keys = [s[0] for s in curated_store["samples"]]
+    train = sorted(k for k in keys if not is_heldout(k, cfg.heldout_percent))
+    assert 0 < len(train) < len(keys), "the fixture should hold both splits"
+    crops = train_mod.iter_crops(curated_store["urls"], cfg)
+    for _ in range(len(train) * cfg.crops_per_image):  # one epoch: every image is read before its last crop
+        next(crops)
+    assert sorted(decoded) == train  # each training image once; no held-out image's pixels
 
 
 def test_lr_schedule_warms_up_then_decays():
@@ -98,13 +117,41 @@ def test_training_improves_heldout_reconstruction_and_writes_eval(tmp_path, tiny
     assert grid.height == 2 * 256 + 4
 
 
-def test_adversarial_term_trains_and_checkpoints_its_discriminator(tmp_path, tiny_cfg, curated_store):
+def test_adversarial_term_trains_and_resumes_its_discriminator(tmp_path, tiny_cfg, curated_store, monkeypatch):
+    """A preempted GAN run resumes with its discriminator and its optimiser: it ends with the same
+    discriminator (and VQ weights) as an uninterrupted run; a fresh one, or fresh AdamW moments, would not."""
+    from safetensors.torch import load as load_safetensors_bytes
+
+    import tokenizer.vq.train as train_mod
+
+    def disc(folder):
+        return load_safetensors_bytes((folder / "vq-disc.safetensors").read_bytes())
+
     cfg = tiny_cfg.replace(adversarial_weight=0.1, adversarial_start_step=1, disc_channels=8, disc_layers=2)
-    res = train_vq(cfg, dict(FAST, max_steps=3), curated_store["urls"], str(tmp_path))
-    assert res["step"] == 3
-    assert (tmp_path / "vq-disc.safetensors").exists() and (tmp_path / "vq-disc-optim.safetensors").exists()
-    res = train_vq(cfg, dict(FAST, max_steps=4), curated_store["urls"], str(tmp_path))  # resumes with the discriminator
-    assert res["step"] == 4
+    urls, train = curated_store["urls"], dict(FAST, max_steps=6, checkpoint_every=3)
+    train_vq(cfg, train, urls, str(tmp_path / "straight"))
+
+    real_iter = train_mod.iter_batches
+
+    def preempted(*args, **kwargs):  # the job dies when it asks for the 5th batch
+        for i, batch in enumerate(real_iter(*args, **kwargs)):
+            if i == 4:
+                raise KeyboardInterrupt("preempted")
+            yield batch
+
+    monkeypatch.setattr(train_mod, "iter_batches", preempted)
+    with pytest.raises(KeyboardInterrupt):
+        train_vq(cfg, train, urls, str(tmp_path / "resumed"))
+    assert (tmp_path / "resumed" / "vq-disc-optim.safetensors").exists()
+    at_3 = disc(tmp_path / "resumed")  # the checkpoint of step 3; step 4 was lost
+    monkeypatch.setattr(train_mod, "iter_batches", real_iter)
+    assert train_vq(cfg, train, urls, str(tmp_path / "resumed"))["step"] == 6
+    resumed, straight = disc(tmp_path / "resumed"), disc(tmp_path / "straight")
+    assert resumed.keys() == straight.keys() == at_3.keys()
+    assert all(torch.equal(resumed[k], straight[k]) for k in straight)
+    assert any(not torch.equal(resumed[k], at_3[k]) for k in at_3)  # steps 4-6 trained it further
+    a, b = load_vq(str(tmp_path / "resumed")).state_dict(), load_vq(str(tmp_path / "straight")).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in b)
 
 
 def test_tokenizer_package_does_not_import_beam():
