@@ -36,3 +36,18 @@ def test_read_back_is_lossless(tmp_path):
         assert got.entry == original.entry and got.image == original.image and got.captions == original.captions
         assert (got.manifest_uri, got.manifest_row, got.sha256) == (original.manifest_uri, original.manifest_row,
                                                                    original.sha256)
+
+
+def test_outputs_md_lists_the_metadata_parquet_columns_the_store_writes(tmp_path):
+    """docs/outputs.md's column table against the file write_shard really writes."""
+    import re
+    from pathlib import Path
+
+    import pyarrow.parquet as pq
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "outputs.md").read_text()
+    table = doc.split("`metadata-NNNNNN.parquet` has one row per sample", 1)[1].split("\n\n", 2)[1]
+    documented = [name for line in table.splitlines()[2:] for name in re.findall(r"`(\w+)`", line.split("|")[1])]
+    write_shard(str(tmp_path), 0, [(storage.asset_key(a.asset_id), a) for a in map(make_asset, range(3))])
+    written = pq.read_schema(tmp_path / "metadata-000000.parquet").names
+    assert sorted(documented) == sorted(written)
