@@ -26,7 +26,7 @@ from pipeline import storage
 
 CARD = "croissant.json"
 ATTRIBUTION = "ATTRIBUTION"
-_SKIP = ("_work/", "_state/", "_logs/", "_lock.json", ".cm3curate-run", CARD, f"{ATTRIBUTION}.md",
+_SKIP = ("_work/", "_state/", "_logs/", "lineage/", "report/", "_lock.json", ".cm3curate-run", CARD, f"{ATTRIBUTION}.md",
          f"{ATTRIBUTION}.csv")
 _FORMATS = {".parquet": "application/x-parquet", ".tar": "application/x-tar", ".json": "application/json",
             ".jsonl": "application/jsonlines", ".bin": "application/octet-stream", ".idx": "application/octet-stream",

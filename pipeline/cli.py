@@ -89,6 +89,7 @@ def format_report(report: RunReport) -> str:
         f"  models:   {report.out}/models/   index: {report.out}/index/ (FAISS + neighbours)",
         f"  tokens:   {report.out}/tokens/   (Megatron .bin/.idx shards + sequences.parquet, docs/shards.md)",
         f"  run.json: {report.out}/run.json",
+        f"  report:   {report.out}/report/index.html   lineage: {report.out}/lineage/ (OpenLineage events)",
         "",
         "steps: " + ", ".join(f"{r.name} ({'skipped, already complete' if r.skipped else f'{r.seconds:.1f}s'})"
                               for r in report.steps),
@@ -424,6 +425,12 @@ def build_parser() -> argparse.ArgumentParser:
     lm.set_defaults(manifest=None, policy=None, until=None)
     add_sample_parser(sub)
     add_audit_parser(sub)
+    text = ("write the run report OUT/report/index.html again: static HTML with plots of the funnel, the license "
+            "mix, the CLIP scores, duplicate groups, the VQ tokenizer, the sequences and the takedowns (every run "
+            "and takedown writes it too; see docs/report.md)")
+    rep = sub.add_parser("report", help="write the run's HTML report (OUT/report/index.html)", description=text)
+    rep.add_argument("--out", required=True, metavar="RUN_OUT", help="the run's output folder or URL")
+    rep.add_argument("-v", "--verbose", action="store_true")
     return parser
 
 
@@ -439,6 +446,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             if beam_flags:
                 raise ConfigError(f"audit does not know {beam_flags} (see curate audit --help)")
             return audit_command(args)
+        if args.command == "report":
+            from pipeline import audit
+            from pipeline.report import write_report
+
+            if beam_flags:
+                raise ConfigError(f"report does not know {beam_flags} (see curate report --help)")
+            try:
+                print(write_report(args.out))
+            except audit.AuditError as exc:
+                print(f"curate report: {exc}", file=sys.stderr)
+                return 2
+            return 0
         if args.command == "sample":
             if beam_flags:
                 raise ConfigError(f"sample does not know {beam_flags} (see curate sample --help)")

@@ -42,6 +42,8 @@ from manifests.policy import LicensePolicy, load_policy
 from pipeline import ledger, rundir, storage
 from pipeline.progress import Monitor, Progress, counted, stderr_to_log
 from pipeline.card import write_attribution, write_card
+from pipeline.lineage import Lineage
+from pipeline.report import write_report
 from pipeline.takedown import taken_down
 from pipeline.config import ConfigError, RunConfig, describe_yaml_error, missing_backend, url_scheme
 from pipeline.stages.base import REJECTED
@@ -118,6 +120,7 @@ class Step:
     outputs: tuple[str, ...]  # folders under OUT owned (and cleared) by this step
     action: Callable[[RunContext], tuple[dict[str, int], dict[str, Any]]]
     gate: str | None = None  # a config section with `enabled`: when false the step is left out entirely
+    reads: tuple[str, ...] = ()  # what it reads, for lineage: paths under OUT, or MANIFESTS
 
 
 def beam_options(cfg: RunConfig, extra_flags: Sequence[str] = ()) -> PipelineOptions:
@@ -588,17 +591,22 @@ def step_sft(ctx: RunContext):
                       "skipped_too_long": sum(index["skipped_too_long"].values())}
 
 
+MANIFESTS = "@manifests"  # in Step.reads: the manifests and the license policy
+
 STEPS: tuple[Step, ...] = (
     Step("prepare", "curated", ("validate", "fetch", "decode", "curated", "dedup"), (PREPARED, STAGING, SLICES, DECISIONS),
-         step_prepare),
-    Step("clip", "curated", ("align", "clip_train"), ("models/clip",), step_clip),
-    Step("align", "curated", ("align", "dedup", "curated"), ("curated", "ledger", STAGING), step_align),
-    Step("vq", "models", ("vq",), ("models/vq",), step_vq),
-    Step("text", "models", ("text",), ("models/text-bpe.json", "models/vocab.json"), step_text),
-    Step("encode", "models", ("vq",), ("codes",), step_encode),
-    Step("index", "index", ("index", "neighbours"), ("index",), step_index),
-    Step("tokens", "tokens", ("tokens",), ("tokens", TOO_LONG), step_tokens),
-    Step("sft", "tokens", ("sft",), ("sft",), step_sft, gate="sft"),
+         step_prepare, reads=(MANIFESTS,)),
+    Step("clip", "curated", ("align", "clip_train"), ("models/clip",), step_clip, reads=(PREPARED,)),
+    Step("align", "curated", ("align", "dedup", "curated"), ("curated", "ledger", STAGING), step_align,
+         reads=(PREPARED, DECISIONS, "models/clip")),
+    Step("vq", "models", ("vq",), ("models/vq",), step_vq, reads=("curated",)),
+    Step("text", "models", ("text",), ("models/text-bpe.json", "models/vocab.json"), step_text, reads=("curated",)),
+    Step("encode", "models", ("vq",), ("codes",), step_encode, reads=("curated", "models/vq")),
+    Step("index", "index", ("index", "neighbours"), ("index",), step_index, reads=("curated",)),
+    Step("tokens", "tokens", ("tokens",), ("tokens", TOO_LONG), step_tokens,
+         reads=("curated", "codes", "index", "models/text-bpe.json", "models/vocab.json")),
+    Step("sft", "tokens", ("sft",), ("sft",), step_sft, gate="sft",
+         reads=("curated", "codes", "models/text-bpe.json", "models/vocab.json")),
 )
 
 
@@ -705,11 +713,13 @@ def run(cfg: RunConfig, until: str = PHASES[-1], beam_flags: Sequence[str] = (),
     policy = _policy(cfg.policy)
     rundir.claim(cfg.out, force)
     with rundir.RunLock(cfg.out):
-        return _run_steps(cfg, policy, until, beam_flags, progress, logs_to_file, rows_in)
+        events = Lineage(cfg.out)
+        with events.job("run", inputs=[*cfg.manifests, cfg.policy], outputs=[cfg.out]):
+            return _run_steps(cfg, policy, until, beam_flags, progress, logs_to_file, rows_in, events)
 
 
 def _run_steps(cfg: RunConfig, policy: LicensePolicy, until: str, beam_flags: Sequence[str], progress: bool,
-               logs_to_file: bool, rows_in: int) -> RunReport:
+               logs_to_file: bool, rows_in: int, events: Lineage) -> RunReport:
     digests = {url: storage.file_sha256(url) for url in cfg.manifests}
     ctx = RunContext(cfg, policy, beam_options(cfg, beam_flags), show_progress=progress, logs_to_file=logs_to_file,
                      rows_in=rows_in)
@@ -738,7 +748,9 @@ def _run_steps(cfg: RunConfig, policy: LicensePolicy, until: str, beam_flags: Se
         for name in step.outputs:
             storage.remove_tree(ctx.path(name))
         upstream_ran = True  # a rerun step's outputs are rewritten: everything after it reruns too
-        step_counters, info = step.action(dataclasses.replace(ctx, config_hash=chain))
+        reads = [u for r in step.reads for u in ([*cfg.manifests, cfg.policy] if r == MANIFESTS else [ctx.path(r)])]
+        with events.job(step.name, inputs=reads, outputs=[ctx.path(o) for o in step.outputs]):
+            step_counters, info = step.action(dataclasses.replace(ctx, config_hash=chain))
         counters.update(step_counters)
         seconds = time.monotonic() - started
         storage.write_json(_state_url(cfg.out, step.name), {
@@ -758,5 +770,6 @@ def _run_steps(cfg: RunConfig, policy: LicensePolicy, until: str, beam_flags: Se
         "ledger": summary.to_json(),
     })
     write_attribution(cfg.out, policy.attribution_required)
+    write_report(cfg.out)
     write_card(cfg.out, cfg, policy, summary.to_json())  # last: it lists every output file with its sha256
     return RunReport(cfg.out, results, summary, counters)

@@ -28,7 +28,7 @@ from pipeline.config import ConfigError
 MARKER = ".cm3curate-run"  # written into every run folder on first use
 LOCK = "_lock.json"
 OWNED = ("_work", "_state", "_logs", "curated", "ledger", "models", "codes", "index", "tokens", "sft", "samples",
-         "run.json", "takedowns.jsonl", "takedowns", "croissant.json", "ATTRIBUTION.md",
+         "run.json", "takedowns.jsonl", "takedowns", "croissant.json", "ATTRIBUTION.md", "lineage", "report",
          "ATTRIBUTION.csv")  # what a run writes (and a rerun replaces)
 
 

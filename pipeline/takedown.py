@@ -279,7 +279,17 @@ def _models(out: str) -> list[dict[str, str]]:
 
 def takedown(out: str, asset_ids: Iterable[str] = (), license_id: str | None = None, licensor: str | None = None,
              reason: str = "", now: dt.datetime | None = None) -> dict[str, Any]:
-    """Take assets down everywhere in run `out`; returns (and writes) the report."""
+    """Take assets down everywhere in run `out`; returns (and writes) the report. Emits the
+    lineage events of job `cm3curate.takedown` (a refused request is a FAIL event)."""
+    from pipeline.lineage import Lineage
+
+    touched = ["ledger", "curated", "codes", "index", "tokens", "sft", RECORDS]
+    with Lineage(out).job("takedown", inputs=[out], outputs=[storage.join(out, name) for name in touched]):
+        return _takedown(out, asset_ids, license_id, licensor, reason, now)
+
+
+def _takedown(out: str, asset_ids: Iterable[str], license_id: str | None, licensor: str | None, reason: str,
+              now: dt.datetime | None) -> dict[str, Any]:
     from pipeline.config import RunConfig, from_dict
     from pipeline.retrieval import build_index_from_embeddings
 
@@ -355,10 +365,12 @@ def takedown(out: str, asset_ids: Iterable[str] = (), license_id: str | None = N
     storage.write_json(storage.join(out, "takedowns", f"report-{stamp.replace(':', '')}.json"), report)
     from manifests.policy import policy_from_dict
     from pipeline.card import write_attribution, write_card
+    from pipeline.report import write_report
 
     run_record = storage.read_json(storage.join(out, "run.json"))
     policy = policy_from_dict(run_record["policy"])
     write_attribution(out, policy.attribution_required)  # the card last: it lists every file's sha256
     summary = ledger.check_invariant(out, run_record["ledger"]["rows_in"]).to_json()
+    write_report(out)
     write_card(out, cfg, policy, summary)
     return report

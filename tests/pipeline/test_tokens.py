@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import html
 import json
+import re
 import shutil
+import subprocess
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -440,7 +444,8 @@ def test_croissant_card_validates_and_describes_every_file_and_license(tokens_ru
         assert card.get(f"rai:{field}"), field  # the validator checks types, not presence
     described = {d["contentUrl"]: d["sha256"] for d in card["distribution"] if d["@type"] == "cr:FileObject"}
     on_disk = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()
-               and not str(p.relative_to(out)).startswith(("_work", "_state", "_logs", ".cm3curate-run"))}
+               and not str(p.relative_to(out)).startswith(("_work", "_state", "_logs", ".cm3curate-run", "lineage/",
+                                                            "report/"))}
     assert set(described) == on_disk - {"croissant.json", "ATTRIBUTION.md", "ATTRIBUTION.csv"}
     for rel in ("tokens/tokens-000000.bin", "ledger/" + sorted(p.name for p in (out / "ledger").iterdir())[0]):
         assert described[rel] == hashlib.sha256((out / rel).read_bytes()).hexdigest()
@@ -458,3 +463,98 @@ def test_croissant_card_validates_and_describes_every_file_and_license(tokens_ru
     by = {"CC-BY-2.0", "CC-BY-SA-2.0", "CC-BY-NC-2.0", "CC-BY-NC-SA-2.0"}  # the demo policy's attribution_required
     assert set(listed) == {r["asset_id"] for r in curated if r["license_id"] in by}
     assert all(row["licensor"] and row["license_url"].startswith("http") for row in listed.values())
+
+
+def test_lineage_events_follow_the_steps_that_ran(tokens_run, tmp_path):
+    from pipeline.lineage import read_events
+    from pipeline.run import PHASES, STEPS
+    from pipeline.takedown import takedown
+
+    out = tmp_path / "out"
+    shutil.copytree(tokens_run["out"], out)
+    events = read_events(str(out))
+    first = next(e for e in events if e["job"]["name"] == "cm3curate.run")  # the fixture's run (later tests rerun)
+    run_id = first["run"]["runId"]
+    own = [e for e in events if e["run"]["runId"] == run_id]
+    assert [e["eventType"] for e in own] == ["START", "COMPLETE"]
+    assert {i["name"] for i in first["inputs"]} == {str(tokens_run["manifest"]), str(DEMO / "policy.yaml")}
+    children = [e for e in events if e["run"]["facets"].get("parent", {}).get("run", {}).get("runId") == run_id]
+    ran = [s.name for s in STEPS if PHASES.index(s.phase) <= PHASES.index("tokens") and not s.gate]
+    assert [e["job"]["name"] for e in children if e["eventType"] == "START"] == [f"cm3curate.run.{n}" for n in ran]
+    for name in ran:  # each step: START then COMPLETE, one run id, inside the parent's START and COMPLETE
+        mine = [e for e in children if e["job"]["name"] == f"cm3curate.run.{name}"]
+        assert [e["eventType"] for e in mine] == ["START", "COMPLETE"] and mine[0]["run"]["runId"] == mine[1]["run"][
+            "runId"]
+        assert first["eventTime"] <= mine[0]["eventTime"] <= mine[1]["eventTime"] <= own[1]["eventTime"]
+    step = {e["job"]["name"].rsplit(".", 1)[1]: e for e in children if e["eventType"] == "COMPLETE"}
+    assert {o["name"] for o in step["encode"]["outputs"]} == {str(tokens_run["out"] / "codes")}
+    assert {i["name"] for i in step["tokens"]["inputs"]} >= {str(tokens_run["out"] / d) for d in ("codes", "index")}
+    assert {o["namespace"] for e in events for o in e["outputs"]} == {"file"}
+
+    with pytest.raises(Exception, match="not a kept asset"):
+        takedown(str(out), ["no-such-asset"], reason="a refused request")
+    failed = [e for e in read_events(str(out)) if e["job"]["name"] == "cm3curate.takedown"]
+    assert [e["eventType"] for e in failed] == ["START", "FAIL"]
+    assert "not a kept asset" in failed[1]["run"]["facets"]["errorMessage"]["message"]
+
+
+def _chromium() -> str | None:
+    return next((found for name in ("chromium", "chromium-browser", "google-chrome")
+                 if (found := shutil.which(name))), None)
+
+
+def _render(page: Path, *flags: str) -> subprocess.CompletedProcess:
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("no headless Chromium on this machine: `make test` installs Debian's chromium where apt-get "
+                    "works (root); install it to run the report's browser test")
+    profile = page.parent.parent / ".chromium-profile"
+    return subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                           f"--user-data-dir={profile}", "--virtual-time-budget=10000", *flags, page.as_uri()],
+                          capture_output=True, text=True, timeout=120, check=True)
+
+
+def test_report_renders_in_a_real_browser_with_every_plot(tokens_run, tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "out"
+    shutil.copytree(tokens_run["out"], out)
+    page = out / "report" / "index.html"
+    source = page.read_text()
+    for plot in ("funnel.png", "licenses.png", "codebook.png", "sequences.png", "vq-recon.png"):
+        assert f'src="{plot}"' in source, plot
+    shot = tmp_path / "report.png"
+    _render(page, f"--screenshot={shot}", "--window-size=1200,3000")
+    pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float32)
+    assert pixels.std() > 20 and (pixels < 200).mean() > 0.05  # not a blank (or error) page
+    probe = page.with_name("probe.html")  # the page plus a script of the test's that counts the images loaded
+    probe.write_text(source.replace("</body>", """<script>
+window.addEventListener("load", () => { const all = [...document.images];
+  document.body.dataset.probe = JSON.stringify({images: all.length,
+    broken: all.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.getAttribute("src"))}); });
+</script></body>"""))
+    dom = _render(probe, "--dump-dom").stdout
+    found = json.loads(html.unescape(re.search(r'data-probe="([^"]*)"', dom).group(1)))
+    assert found["broken"] == [] and found["images"] == source.count("<img ")
+
+
+def test_report_escapes_what_people_wrote_and_is_rewritten_by_a_takedown(tokens_run, tmp_path):
+    from pipeline.cli import main
+    from pipeline.takedown import takedown
+
+    out = tmp_path / "out"
+    shutil.copytree(tokens_run["out"], out)
+    victim = _sequences(out)[0]["main_asset_id"]
+    takedown(str(out), [victim], reason="<script>alert(1)</script> & <img src=x onerror=alert(2)>")
+    page = (out / "report" / "index.html").read_text()
+    tags = []
+    parser = HTMLParser()
+    parser.handle_starttag = lambda tag, attrs: tags.append((tag, dict(attrs)))
+    parser.feed(page)
+    assert not [t for t in tags if t[0] == "script" or any(a.startswith("on") for a in t[1])]
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and victim in page
+    (out / "report").rename(tmp_path / "old-report")
+    assert main(["report", "--out", str(out)]) == 0  # `curate report` writes it again
+    assert (out / "report" / "index.html").read_text() == page
+    assert main(["report", "--out", str(tmp_path / "nothing-here")]) == 2
