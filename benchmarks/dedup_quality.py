@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.config import DecodeConfig  # noqa: E402
-from pipeline.neardup import hamming, image_hash_from_bytes  # noqa: E402
+from pipeline.dedup_hash import hamming, image_hash_from_bytes  # noqa: E402
 from pipeline.stages.decode import decode_image  # noqa: E402
 
 COCO = ROOT / "manifests" / "demo" / "images"

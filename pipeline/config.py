@@ -19,7 +19,7 @@ from typing import Any, Mapping
 import fsspec
 import yaml
 
-from pipeline import neardup
+from pipeline import dedup_hash, dedup_search
 from pipeline.retrieval import IndexConfig, NeighbourConfig
 from tokenizer import sft as sft_format
 from tokenizer.vq.config import TrainVQConfig
@@ -191,14 +191,14 @@ class DedupConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.hamming_radius, int) or not 0 <= self.hamming_radius <= 32:
             raise ConfigError(f"hamming_radius must be an int in [0, 32], got {self.hamming_radius!r}")
-        if self.hash_kind not in neardup.HASH_KINDS:
-            raise ConfigError(f"hash_kind must be one of {neardup.HASH_KINDS}, got {self.hash_kind!r}")
+        if self.hash_kind not in dedup_hash.HASH_KINDS:
+            raise ConfigError(f"hash_kind must be one of {dedup_hash.HASH_KINDS}, got {self.hash_kind!r}")
         if self.hash_input not in HASH_INPUTS:
             raise ConfigError(f"hash_input must be one of {HASH_INPUTS}, got {self.hash_input!r}")
         if not isinstance(self.bucket_cap, int) or self.bucket_cap < 2:
             raise ConfigError(f"bucket_cap must be an int >= 2, got {self.bucket_cap!r}")
-        if self.engine not in neardup.ENGINES:
-            raise ConfigError(f"engine must be one of {neardup.ENGINES}, got {self.engine!r}")
+        if self.engine not in dedup_search.ENGINES:
+            raise ConfigError(f"engine must be one of {dedup_search.ENGINES}, got {self.engine!r}")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise ConfigError(f"threads must be an int >= 1 or null, got {self.threads!r}")
         if not 0.0 < float(self.semantic_threshold) <= 1.0:

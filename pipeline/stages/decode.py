@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pipeline import neardup
+from pipeline import dedup_hash
 from pipeline.config import DecodeConfig
 from pipeline.records import Asset, RejectReason
 from pipeline.stages.base import Reject, StageDoFn
@@ -192,7 +192,7 @@ def decode_image(data: bytes, cfg: DecodeConfig, hash_kind: str | None = None) -
             width, height = height, width  # manifest boxes refer to and the crop is cut from
         img = ImageOps.exif_transpose(img)
         rgb = _to_rgb(img)
-    phash = neardup.hash_to_hex(neardup.image_hash(rgb, hash_kind)) if hash_kind else None
+    phash = dedup_hash.hash_to_hex(dedup_hash.image_hash(rgb, hash_kind)) if hash_kind else None
     square = _centre_square(rgb, cfg.resolution)
     pixels = square.tobytes()
     out = io.BytesIO()

@@ -16,7 +16,7 @@ from typing import Any, Iterable, NamedTuple
 import apache_beam as beam
 import numpy as np
 
-from pipeline import neardup
+from pipeline import dedup_cluster, dedup_hash, dedup_semantic
 from pipeline.config import DedupConfig
 from pipeline.records import Asset, RejectReason
 from pipeline.stages.base import REJECTED, StageCounters
@@ -276,7 +276,7 @@ def _cluster_hashes(
     prev, prev_values = [], []
     for p in previous:
         try:
-            prev_values.append(neardup.hex_to_hash(p.phash))
+            prev_values.append(dedup_hash.hex_to_hash(p.phash))
             prev.append(p)
         except (TypeError, ValueError):
             continue  # no or unreadable phash in the previous store: nothing to compare
@@ -286,7 +286,7 @@ def _cluster_hashes(
     ids = [p.asset_id for p in prev] + [r.asset_id for r in rows]
     hashes = np.asarray(prev_values + [r.value for r in rows], dtype=np.uint64)
     prio = np.concatenate([np.arange(len(prev)), len(prev) + _priority([r.rank for r in rows])])
-    result = neardup.cluster(hashes, radius, prio, cap, engine=engine, threads=threads)
+    result = dedup_cluster.cluster(hashes, radius, prio, cap, engine=engine, threads=threads)
     log.info(
         "near-dup: %d hashes (%d previous), %d duplicates, candidates=%d huge_buckets=%d recursions=%d",
         len(hashes), len(prev), len(result.duplicates()), result.stats.candidates,
@@ -301,8 +301,8 @@ def _cluster_embeddings(rows: list[_Row], threshold: float) -> Iterable[tuple[st
         return
     ids = [r.asset_id for r in rows]
     x = np.stack([np.asarray(r.value, dtype=np.float32) for r in rows])
-    pairs = neardup.cosine_pairs(x, threshold)
-    label, rep = neardup.cluster_pairs(len(rows), pairs, _priority([r.rank for r in rows]))
+    pairs = dedup_semantic.cosine_pairs(x, threshold)
+    label, rep = dedup_cluster.cluster_pairs(len(rows), pairs, _priority([r.rank for r in rows]))
     xn = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
     sim_to_rep = np.einsum("ij,ij->i", xn, xn[rep])
     yield from _decisions(ids, 0, label, rep, np.round(sim_to_rep, 4))
@@ -371,7 +371,7 @@ class _HashAsset(beam.DoFn):
             return
         try:
             data = _hash_input(asset, cfg.hash_input)
-            value = neardup.image_hash_from_bytes(data, cfg.hash_kind)
+            value = dedup_hash.image_hash_from_bytes(data, cfg.hash_kind)
         except Exception as exc:  # noqa: BLE001 - the stage contract: errors become ledger rows
             if not self.count_in:
                 self._counters.seen.inc()
@@ -380,7 +380,7 @@ class _HashAsset(beam.DoFn):
                 REJECTED, asset.reject(self.stage, RejectReason.ERROR, f"{type(exc).__name__}: {exc}"[:2000])
             )
             return
-        yield asset.replace(phash=neardup.hash_to_hex(value))
+        yield asset.replace(phash=dedup_hash.hash_to_hex(value))
 
 
 def _hash_input(asset: Asset, which: str) -> bytes:
@@ -444,7 +444,7 @@ class DedupNearDuplicates(_DedupStage):
         hashed = assets | "Hash" >> beam.ParDo(_HashAsset(self.stage, cfg)).with_outputs(REJECTED, main="kept")
         prefs = cfg.license_preference
         rows = hashed.kept | "Rows" >> beam.Map(
-            lambda a: _Row(a.asset_id, neardup.hex_to_hash(a.phash), representative_rank(a, prefs))
+            lambda a: _Row(a.asset_id, dedup_hash.hex_to_hash(a.phash), representative_rank(a, prefs))
         )
         gathered = rows | "Gather" >> beam.CombineGlobally(beam.combiners.ToListCombineFn())
         decisions = gathered | "Cluster" >> beam.FlatMap(

@@ -46,7 +46,7 @@ import pyarrow as pa
 from apache_beam.metrics import Metrics
 
 from manifests.policy import LicensePolicy
-from pipeline import ledger, neardup, storage
+from pipeline import dedup_hash, ledger, storage
 from pipeline.progress import Progress
 from pipeline.config import DecodeConfig, DedupConfig, FetchConfig, ValidateConfig
 from pipeline.records import Asset, RejectReason, SourceRow
@@ -164,6 +164,7 @@ class ProcessChunk(beam.DoFn):
         table = pa.Table.from_pylist(rows, schema=SLICE_SCHEMA)
         storage.write_table(slice_url(self.work_dir, chunk.name), table)
         storage.remove_tree(marker)
+        _injected_kill(self.work_dir)
         yield {"chunk": chunk.name, "manifest_index": chunk.manifest_index, "index": chunk.index,
                "rows": len(rows), "kept": sum(r["status"] == "kept" for r in rows)}
 
@@ -243,6 +244,22 @@ def _injected_crash(asset: Asset) -> None:
     crash_row = os.environ.get(CRASH_ROW_ENV)
     if crash_row and crash_row == f"{asset.manifest_uri.rsplit('/', 1)[-1]}#{asset.manifest_row}":
         os.kill(os.getpid(), signal.SIGSEGV)
+
+
+KILL_AFTER_CHUNKS_ENV = "CM3CURATE_KILL_AFTER_CHUNKS"  # N: the run dies once N chunks are staged (tests, drills)
+
+
+def _injected_kill(work_dir: str) -> None:
+    """Fault injection for tests and drills: with CM3CURATE_KILL_AFTER_CHUNKS=N, once N chunks'
+    slices are written the run dies as a lost machine would, at a known point of the prepare
+    step: SIGKILL to its process group (driver and workers) when the run leads its own session
+    (start it with setsid), else to this process only. Unset: nothing happens."""
+    after = os.environ.get(KILL_AFTER_CHUNKS_ENV)
+    if not after or len(storage.list_files(storage.join(work_dir, "slices"), "*.parquet")) < int(after):
+        return
+    if os.getpgid(0) == os.getsid(0):
+        os.killpg(os.getpgid(0), signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def inflight_url(work_dir: str, chunk: str) -> str:
@@ -447,7 +464,7 @@ class Decide(beam.DoFn):
         counters = StageCounters("dedup_near")
         counters.seen.inc(len(survivors))
         prefs = cfg.license_preference
-        rows = [_Row(cols["asset_id"][i], neardup.hex_to_hash(cols["phash"][i]),
+        rows = [_Row(cols["asset_id"][i], dedup_hash.hex_to_hash(cols["phash"][i]),
                      rank_key(cols["area"][i] or 0, cols["license_id"][i], cols["asset_id"][i], prefs))
                 for i in survivors]
         position = {cols["asset_id"][i]: i for i in survivors}

@@ -19,7 +19,7 @@ from apache_beam.testing.util import assert_that
 from PIL import Image, ImageDraw, ImageFont
 
 from manifests.schema import ManifestEntry
-from pipeline import neardup
+from pipeline import dedup_hash
 from pipeline.config import DecodeConfig, DedupConfig
 from pipeline.records import Asset, Rejected, RejectReason
 from pipeline.stages.decode import decode_image
@@ -166,8 +166,9 @@ def test_config_is_validated() -> None:
         DedupConfig(bucket_cap=1)
     with pytest.raises(ValueError):
         DedupConfig(semantic_threshold=1.5)
-    with pytest.raises(ValueError, match="engine"):
-        DedupConfig(engine="gpu")
+    for engine in ("gpu", "numpy"):  # numpy: the engine removed in issue 13
+        with pytest.raises(ValueError, match="engine"):
+            DedupConfig(engine=engine)
     with pytest.raises(ValueError, match="threads"):
         DedupConfig(threads=0)
     with pytest.raises(ValueError):
@@ -221,10 +222,9 @@ def test_exact_stage_license_preference_and_no_pixel_pass(corpus) -> None:
     )
 
 
-@pytest.mark.parametrize("engine", ["numpy", "compiled"])
-def test_near_stage_on_real_photos(corpus, engine: str) -> None:
+def test_near_stage_on_real_photos(corpus) -> None:
     assets = [a for k, a in corpus.items() if k not in ("z-copy-a1", "png-a2")] + [_bad_asset()]
-    cfg = DedupConfig(engine=engine, threads=2)
+    cfg = DedupConfig(threads=2)
 
     def kept_check(actual: list[Asset]) -> None:
         _ids({"a1", "a2", "a3", "a4", "a5", "a6", "flip-a5"})(actual)
@@ -262,11 +262,11 @@ def test_incremental_against_previous_run(tmp_path, corpus) -> None:
     """A new delivery re-sends a curated asset (same bytes, new id and license) and a
     recompressed copy of another: both rejected with dup_of = the previous asset."""
     a1, a3 = corpus["a1"], corpus["a3"]
-    phash_a3 = neardup.hash_to_hex(neardup.image_hash_from_bytes(a3.image))
+    phash_a3 = dedup_hash.hash_to_hex(dedup_hash.image_hash_from_bytes(a3.image))
     _write_previous(
         tmp_path / "curated",
         [
-            {"asset_id": "prev-a1", "sha256": a1.sha256, "phash": neardup.hash_to_hex(neardup.image_hash_from_bytes(a1.image))},
+            {"asset_id": "prev-a1", "sha256": a1.sha256, "phash": dedup_hash.hash_to_hex(dedup_hash.image_hash_from_bytes(a1.image))},
             {"asset_id": "prev-a3", "sha256": "0" * 64, "phash": phash_a3},
         ],
     )
@@ -346,7 +346,7 @@ def test_near_stage_trusts_an_upstream_full_frame_phash(corpus) -> None:
     """hash_input="auto": a pHash set upstream (decode, from the full frame) is used as is;
     hash_input="image" recomputes it from the normalised image."""
     a1, a2 = corpus["a1"], corpus["a2"]
-    same = neardup.hash_to_hex(neardup.image_hash_from_bytes(a1.image))
+    same = dedup_hash.hash_to_hex(dedup_hash.image_hash_from_bytes(a1.image))
     size = dict(source_width=a1.source_width, source_height=a1.source_height)  # tie: a1 wins on id
     assets = [a1.replace(phash=same), a2.replace(phash=same, **size)]
     _run(

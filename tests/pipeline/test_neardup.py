@@ -1,18 +1,18 @@
-"""Core near-duplicate search: exactness against brute force, huge buckets, clusters, and
-what pHash does and does not catch on real photos (see docs/dedup.md)."""
+"""Near-duplicate core (pipeline/dedup_*.py): exactness of the search against brute force
+and FAISS, huge buckets, clusters, and what pHash does and does not catch on real photos
+(see docs/dedup.md)."""
 
 from __future__ import annotations
 
 import io
 import json
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageEnhance, ImageFont
 
-from pipeline import neardup as nd
+from pipeline import dedup_cluster, dedup_hash, dedup_plan, dedup_search, dedup_semantic
 
 ROOT = Path(__file__).resolve().parents[2]
 COCO = ROOT / "manifests" / "demo" / "images"
@@ -20,14 +20,41 @@ NEARDUP = ROOT / "manifests" / "demo" / "neardup"
 RADIUS = 8  # DedupConfig default
 
 
+def _brute_force_pairs(h: np.ndarray, radius: int, block: int = 1024) -> set[tuple[int, int]]:
+    """The oracle: every pair of rows (i < j) within the radius, by comparing all pairs in
+    blocks (30k hashes need ~250 MB, not 7 GB)."""
+    out: set[tuple[int, int]] = set()
+    for start in range(0, len(h), block):
+        rows = h[start : start + block]
+        hit = np.bitwise_count(rows[:, None] ^ h[None, :]) <= radius
+        hit &= np.arange(len(h))[None, :] > np.arange(start, start + len(rows))[:, None]
+        i, j = np.nonzero(hit)
+        out.update(zip((i + start).tolist(), j.tolist()))
+    return out
+
+
 def _reference_pairs(h: np.ndarray, radius: int) -> set[tuple[int, int]]:
     """Brute force over distinct values, reported as first rows (find_pairs' contract)."""
     uniq, first = np.unique(h, return_index=True)
-    out = set()
-    for a, b in nd.brute_force_pairs(uniq, radius):
-        x, y = sorted((int(first[a]), int(first[b])))
-        out.add((x, y))
-    return out
+    return {tuple(sorted((int(first[a]), int(first[b])))) for a, b in _brute_force_pairs(uniq, radius)}
+
+
+def _faiss_pairs(h: np.ndarray, radius: int) -> set[tuple[int, int]]:
+    """The oracle at sizes brute force cannot reach: faiss.IndexBinaryMultiHash with 3 tables
+    of 21 bits and enough flips per table for the pigeonhole (exact; checked against brute
+    force below). Reported like find_pairs: first rows of distinct values, i < j."""
+    import faiss
+
+    uniq, first = np.unique(h, return_index=True)
+    codes = uniq.view(np.uint8).reshape(-1, 8)
+    index = faiss.IndexBinaryMultiHash(64, 3, 21)
+    index.nflip = -(-(radius + 1) // 3) - 1
+    index.add(codes)
+    lims, _, found = index.range_search(codes, radius + 1)  # FAISS keeps distance < radius + 1
+    query = np.repeat(np.arange(len(uniq)), np.diff(lims.astype(np.int64)))
+    once = query < found
+    i, j = first[query[once]], first[found[once]]
+    return set(zip(np.minimum(i, j).tolist(), np.maximum(i, j).tolist()))
 
 
 def _skewed_hashes(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -42,25 +69,25 @@ def _skewed_hashes(rng: np.random.Generator, n: int) -> np.ndarray:
     return h
 
 
-# (engine, threads): the numpy path, the compiled kernel on one thread, and the kernel with
-# the queries split over three threads (the split threshold is lowered for these sizes)
-ENGINES = [("numpy", 1), ("compiled", 1), ("compiled", 3)]
+# the kernel on one thread, and with the queries split over three threads (the split
+# threshold is lowered for these sizes)
+THREADS = [1, 3]
 
 
 @pytest.fixture
 def small_thread_split(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(nd, "_MIN_QUERIES_PER_THREAD", 50)
+    monkeypatch.setattr(dedup_search, "_MIN_QUERIES_PER_THREAD", 50)
 
 
-@pytest.mark.parametrize("engine,threads", ENGINES)
+@pytest.mark.parametrize("threads", THREADS)
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("cap", [4, 64, 4096])
-def test_find_pairs_is_exact_against_brute_force(seed: int, cap: int, engine: str, threads: int, small_thread_split) -> None:
+def test_find_pairs_is_exact_against_brute_force(seed: int, cap: int, threads: int, small_thread_split) -> None:
     rng = np.random.default_rng(seed)
     n = int(rng.integers(200, 1500))
     radius = int(rng.integers(1, 14))
     h = _skewed_hashes(rng, n)
-    pairs = nd.find_pairs(h, radius, bucket_cap=cap, engine=engine, threads=threads)
+    pairs = dedup_search.find_pairs(h, radius, bucket_cap=cap, threads=threads)
     got = set(zip(pairs.i.tolist(), pairs.j.tolist()))
     assert got == _reference_pairs(h, radius)
     assert len(got) == len(pairs)  # each pair once
@@ -71,7 +98,7 @@ def test_find_pairs_is_exact_against_brute_force(seed: int, cap: int, engine: st
 def test_plan_satisfies_pigeonhole(radius: int) -> None:
     """sum(t_i + 1) >= radius + 1 is what makes the banding exact; widths cover all 64 bits."""
     for n in (10, 10_000, 1_000_000):
-        plan = nd.plan_bands(n, n, 64, radius)
+        plan = dedup_plan.plan_bands(n, n, 64, radius)
         if plan is None:
             continue
         assert sum(b.threshold + 1 for b in plan) >= radius + 1
@@ -81,12 +108,12 @@ def test_plan_satisfies_pigeonhole(radius: int) -> None:
 
 def test_plan_at_scale_is_not_plain_pigeonhole() -> None:
     """Plain r+1 banding at r=8 would use 7-bit bands (n/128 per bucket: quadratic at 1M)."""
-    plan = nd.plan_bands(1_000_000, 1_000_000, 64, 8)
+    plan = dedup_plan.plan_bands(1_000_000, 1_000_000, 64, 8)
     assert plan is not None and min(b.width for b in plan) >= 20
 
 
-@pytest.mark.parametrize("engine,threads", ENGINES)
-def test_huge_buckets_do_not_go_quadratic(engine: str, threads: int, small_thread_split) -> None:
+@pytest.mark.parametrize("threads", THREADS)
+def test_huge_buckets_do_not_go_quadratic(threads: int, small_thread_split) -> None:
     """3,000 identical blank hashes and 4,000 distinct hashes sharing one band value."""
     rng = np.random.default_rng(7)
     random_part = rng.integers(0, np.iinfo(np.uint64).max, size=8_000, dtype=np.uint64, endpoint=True)
@@ -94,15 +121,13 @@ def test_huge_buckets_do_not_go_quadratic(engine: str, threads: int, small_threa
     skew = rng.integers(0, 1 << 42, size=4_000, dtype=np.uint64) | np.uint64(0x15 << 42)
     copies = skew[:50] ^ np.uint64(0b1011)  # planted near copies inside the huge bucket
     h = np.concatenate([random_part, blank, skew, copies])
-    stats = nd.SearchStats()
-    t0 = time.perf_counter()
-    pairs = nd.find_pairs(h, RADIUS, bucket_cap=64, stats=stats, engine=engine, threads=threads)
-    assert time.perf_counter() - t0 < 10
+    stats = dedup_search.SearchStats()
+    pairs = dedup_search.find_pairs(h, RADIUS, bucket_cap=64, stats=stats, threads=threads)
     assert stats.huge_buckets >= 1 and stats.recursions >= 1
     # all pairs inside the skewed bucket alone would be 8M comparisons
     assert stats.candidates + stats.brute_force_pairs < 2_000_000, stats
     assert set(zip(pairs.i.tolist(), pairs.j.tolist())) == _reference_pairs(h, RADIUS)
-    clusters = nd.cluster(h, RADIUS, bucket_cap=64, engine=engine, threads=threads)
+    clusters = dedup_cluster.cluster(h, RADIUS, bucket_cap=64, threads=threads)
     blank_rows = np.arange(8_000, 11_000)
     assert len(set(clusters.label[blank_rows].tolist())) == 1
     skew_rows = np.arange(11_000, 11_050)
@@ -110,10 +135,18 @@ def test_huge_buckets_do_not_go_quadratic(engine: str, threads: int, small_threa
     assert np.all(clusters.label[skew_rows] == clusters.label[copy_rows])
 
 
-def test_engines_agree_at_the_planned_scale() -> None:
+def test_faiss_oracle_is_exact_against_brute_force() -> None:
+    """The FAISS oracle below is only an oracle if it finds every pair: check it on skewed
+    data at the radii the pipeline allows."""
+    for seed, radius in [(0, 8), (1, 3), (2, 12)]:
+        h = _skewed_hashes(np.random.default_rng(seed), 1_500)
+        assert _faiss_pairs(h, radius) == _reference_pairs(h, radius)
+
+
+def test_kernel_matches_faiss_at_the_planned_scale() -> None:
     """60k hashes with planted copies: the planner picks wide bands with 2 flips (the 1M
-    plan's shape) and auto selects the kernel; both engines return the same pairs, and every
-    planted copy is among them."""
+    plan's shape), too many for brute force; the kernel returns exactly FAISS's pairs, on one
+    thread and on two, and every planted copy is among them."""
     rng = np.random.default_rng(11)
     h = rng.integers(0, np.iinfo(np.uint64).max, size=60_000, dtype=np.uint64, endpoint=True)
     src = rng.choice(60_000, size=2_000, replace=False)
@@ -122,33 +155,36 @@ def test_engines_agree_at_the_planned_scale() -> None:
     for _ in range(RADIUS):
         flips |= np.uint64(1) << rng.integers(0, 64, size=2_000).astype(np.uint64)
     h[dst] = h[src] ^ flips
-    plan = nd.plan_bands(60_000, 60_000, 64, RADIUS)
+    plan = dedup_plan.plan_bands(60_000, 60_000, 64, RADIUS)
     assert plan is not None and max(b.threshold for b in plan) >= 2
-    numpy_stats, auto_stats = nd.SearchStats(), nd.SearchStats()
-    a = nd.find_pairs(h, RADIUS, stats=numpy_stats, engine="numpy")
-    b = nd.find_pairs(h, RADIUS, stats=auto_stats, engine="auto", threads=2)
+    one, two = dedup_search.SearchStats(), dedup_search.SearchStats()
+    a = dedup_search.find_pairs(h, RADIUS, stats=one, threads=1)
+    b = dedup_search.find_pairs(h, RADIUS, stats=two, threads=2)
     assert np.array_equal(a.i, b.i) and np.array_equal(a.j, b.j) and np.array_equal(a.distance, b.distance)
-    assert numpy_stats.candidates == auto_stats.candidates  # same probes, same buckets
+    assert one.candidates == two.candidates  # same probes, same buckets
     found = set(zip(a.i.tolist(), a.j.tolist()))
+    assert found == _faiss_pairs(h, RADIUS)
     assert all((min(x, y), max(x, y)) in found for x, y in zip(src.tolist(), dst.tolist()))
 
 
 def test_engine_and_threads_are_validated() -> None:
+    """One engine is left; `numpy` (removed) and unknown names are errors, not ignored."""
     h = np.arange(10, dtype=np.uint64)
-    with pytest.raises(ValueError, match="engine"):
-        nd.find_pairs(h, 2, engine="gpu")
+    for engine in ("gpu", "numpy"):
+        with pytest.raises(ValueError, match="engine"):
+            dedup_search.find_pairs(h, 2, engine=engine)
     with pytest.raises(ValueError, match="threads"):
-        nd.find_pairs(h, 2, threads=0)
+        dedup_search.find_pairs(h, 2, threads=0)
 
 
 def test_connected_components_chain_and_representative() -> None:
     # 0-1-2-3 chain, 4-5 pair, 6 alone
-    label = nd.connected_components(7, np.array([2, 0, 1, 5]), np.array([3, 1, 2, 4]))
+    label = dedup_cluster.connected_components(7, np.array([2, 0, 1, 5]), np.array([3, 1, 2, 4]))
     assert label.tolist() == [0, 0, 0, 0, 4, 4, 6]
     far, other = 0xFFFF000000000000, 0x0F0F0F0F00000000
     h = np.array([0b0, 0b1, 0b11, 0b111, far, far | (1 << 20), other], dtype=np.uint64)
     prio = np.array([5, 4, 0, 6, 2, 1, 3])
-    c = nd.cluster(h, 1, prio)
+    c = dedup_cluster.cluster(h, 1, prio)
     assert c.representative.tolist() == [2, 2, 2, 2, 5, 5, 6]
     assert c.size.tolist() == [4, 4, 4, 4, 2, 2, 1]
     assert c.distance_to_rep.tolist() == [2, 1, 0, 1, 1, 0, 0]
@@ -157,8 +193,8 @@ def test_connected_components_chain_and_representative() -> None:
 
 def test_identical_hashes_cluster_without_pairs() -> None:
     h = np.array([5, 5, 5, 9], dtype=np.uint64)
-    assert len(nd.find_pairs(h, 0)) == 0
-    c = nd.cluster(h, 0)
+    assert len(dedup_search.find_pairs(h, 0)) == 0
+    c = dedup_cluster.cluster(h, 0)
     assert c.representative.tolist() == [0, 0, 0, 3]
 
 
@@ -166,16 +202,16 @@ def test_hash_hex_roundtrip_matches_imagehash() -> None:
     import imagehash
 
     img = Image.open(sorted(COCO.glob("*.jpg"))[0]).convert("RGB")
-    value = nd.image_hash(img)
-    assert nd.hash_to_hex(value) == str(imagehash.phash(img))
-    assert nd.hex_to_hash(nd.hash_to_hex(value)) == value
+    value = dedup_hash.image_hash(img)
+    assert dedup_hash.hash_to_hex(value) == str(imagehash.phash(img))
+    assert dedup_hash.hex_to_hash(dedup_hash.hash_to_hex(value)) == value
 
 
 def test_cosine_pairs_matches_brute_force() -> None:
     rng = np.random.default_rng(0)
     x = rng.normal(size=(300, 16)).astype(np.float32)
     x[100:110] = x[:10] + rng.normal(scale=0.01, size=(10, 16))
-    pairs = nd.cosine_pairs(x, 0.99, block=64)
+    pairs = dedup_semantic.cosine_pairs(x, 0.99, block=64)
     xn = x / np.linalg.norm(x, axis=1, keepdims=True)
     sims = xn @ xn.T
     ref = {(i, j) for i, j in zip(*np.nonzero(np.triu(sims >= 0.99, 1)))}
@@ -241,21 +277,21 @@ def coco_sample() -> list[tuple[int, Image.Image]]:
         with Image.open(io.BytesIO(data)) as im:
             im.draft("RGB", (320, 320))
             img = im.convert("RGB")
-        out.append((nd.image_hash_from_bytes(_jpeg(img, quality=95)), img))
+        out.append((dedup_hash.image_hash_from_bytes(_jpeg(img, quality=95)), img))
     return out
 
 
 @pytest.mark.parametrize("name", sorted(CAUGHT))
 def test_real_photo_transforms_caught(coco_sample, name: str) -> None:
     edit, min_recall = CAUGHT[name]
-    d = np.array([int(nd.hamming(h, nd.image_hash_from_bytes(edit(img)))) for h, img in coco_sample])
+    d = np.array([int(dedup_hash.hamming(h, dedup_hash.image_hash_from_bytes(edit(img)))) for h, img in coco_sample])
     assert np.mean(d <= RADIUS) >= min_recall, d.tolist()
 
 
 @pytest.mark.parametrize("name", sorted(NOT_CAUGHT))
 def test_real_photo_flips_and_rotations_are_not_caught(coco_sample, name: str) -> None:
     edit = NOT_CAUGHT[name]
-    d = np.array([int(nd.hamming(h, nd.image_hash_from_bytes(edit(img)))) for h, img in coco_sample])
+    d = np.array([int(dedup_hash.hamming(h, dedup_hash.image_hash_from_bytes(edit(img)))) for h, img in coco_sample])
     assert np.all(d > RADIUS), d.tolist()
 
 
@@ -263,15 +299,15 @@ def test_distinct_real_photos_are_not_merged() -> None:
     """All 167 COCO photos plus the UKBench distractors: no pair within the radius."""
     hashes = []
     for path in sorted(COCO.glob("*.jpg")):
-        hashes.append(nd.image_hash_from_bytes(path.read_bytes()))
+        hashes.append(dedup_hash.image_hash_from_bytes(path.read_bytes()))
     rows = [json.loads(line) for line in (NEARDUP / "manifest.jsonl").read_text().splitlines() if line.strip()]
     for r in rows:
         if r["relation"] == "original":
-            hashes.append(nd.image_hash_from_bytes((NEARDUP / r["path"]).read_bytes()))
+            hashes.append(dedup_hash.image_hash_from_bytes((NEARDUP / r["path"]).read_bytes()))
     h = np.asarray(hashes, dtype=np.uint64)
     assert len(np.unique(h)) == len(h)
-    assert len(nd.find_pairs(h, RADIUS)) == 0
-    assert len(np.unique(nd.cluster(h, RADIUS).label)) == len(h)
+    assert len(dedup_search.find_pairs(h, RADIUS)) == 0
+    assert len(np.unique(dedup_cluster.cluster(h, RADIUS).label)) == len(h)
 
 
 def test_centre_crop_misses_aspect_changing_resize() -> None:
@@ -282,10 +318,10 @@ def test_centre_crop_misses_aspect_changing_resize() -> None:
 
     rows = [json.loads(line) for line in (NEARDUP / "manifest.jsonl").read_text().splitlines() if line.strip()]
     files = {r["relation"]: (NEARDUP / r["path"]).read_bytes() for r in rows if r["group_id"] == "ukbench00120"}
-    full = [nd.image_hash_from_bytes(files[k]) for k in ("original", "resize")]
-    crop = [nd.image_hash_from_bytes(decode_image(files[k], DecodeConfig()).jpeg) for k in ("original", "resize")]
-    assert int(nd.hamming(*full)) <= RADIUS
-    assert int(nd.hamming(*crop)) > RADIUS
+    full = [dedup_hash.image_hash_from_bytes(files[k]) for k in ("original", "resize")]
+    crop = [dedup_hash.image_hash_from_bytes(decode_image(files[k], DecodeConfig()).jpeg) for k in ("original", "resize")]
+    assert int(dedup_hash.hamming(*full)) <= RADIUS
+    assert int(dedup_hash.hamming(*crop)) > RADIUS
 
 
 def test_imagededup_groups() -> None:
@@ -293,7 +329,7 @@ def test_imagededup_groups() -> None:
     are not (pHash is not flip or rotation invariant); the corrupt copy does not decode."""
     rows = [json.loads(line) for line in (NEARDUP / "manifest.jsonl").read_text().splitlines() if line.strip()]
     originals = {
-        r["group_id"]: nd.image_hash_from_bytes((NEARDUP / r["path"]).read_bytes())
+        r["group_id"]: dedup_hash.image_hash_from_bytes((NEARDUP / r["path"]).read_bytes())
         for r in rows
         if r["relation"] == "original"
     }
@@ -307,9 +343,9 @@ def test_imagededup_groups() -> None:
         data = (NEARDUP / r["path"]).read_bytes()
         if rel == "corrupt":
             with pytest.raises(Exception):
-                nd.image_hash_from_bytes(data)
+                dedup_hash.image_hash_from_bytes(data)
             continue
-        d = int(nd.hamming(originals[r["group_id"]], nd.image_hash_from_bytes(data)))
+        d = int(dedup_hash.hamming(originals[r["group_id"]], dedup_hash.image_hash_from_bytes(data)))
         seen.add(rel)
         if rel in expected_caught:
             assert d <= RADIUS, (rel, d)
@@ -320,5 +356,5 @@ def test_imagededup_groups() -> None:
 
 def test_cluster_of_no_hashes_is_empty():
     """A delivery where nothing survives to near-dedup (every row rejected earlier)."""
-    result = nd.cluster(np.zeros(0, np.uint64), 8)
+    result = dedup_cluster.cluster(np.zeros(0, np.uint64), 8)
     assert len(result.label) == len(result.representative) == len(result.duplicates()) == 0

@@ -1,14 +1,14 @@
-"""Compiled probe-and-verify loop for `pipeline.neardup` (numba).
+"""Compiled probe-and-verify loop of the exact near-dup search (`pipeline.dedup_search`; numba).
 
-The numpy search expands every probe into intermediate arrays (keys, bucket sizes, repeated
-query values, gathered positions) and makes ~10 passes over memory per candidate pair. This
-kernel does the same work in one pass with nothing materialised but the hits, and releases
-the GIL so the caller can split the queries over threads (one per core).
+A vectorised numpy search would expand every probe into intermediate arrays (keys, bucket
+sizes, repeated query values, gathered positions) and make ~10 passes over memory per
+candidate pair (it did, until this kernel replaced it: 2.9x slower at 1M). This kernel does
+the work in one pass with nothing materialised but the hits, and releases the GIL so the
+caller can split the queries over threads (one per core).
 
-Semantics are identical to the numpy path in `neardup._join` (the tests run both on the
-same data and compare with brute force): for one band, every query (in band-value order)
-probes each flip mask; a bucket marked huge (-1) is not expanded but reported as deferred
-work for the recursive search on the remaining bits.
+For one band, every query (in band-value order) probes each flip mask; a bucket too big to
+expand is not expanded but reported as deferred work for the recursive search on the
+remaining bits (`dedup_search._join`). The tests compare the result with brute force.
 """
 
 from __future__ import annotations
