@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -132,12 +131,17 @@ def _curate(args, **kw):
 
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_outputs(tiny_corpus, tmp_path):
-    """Every phase through the CLI (multi-processing workers), killed mid-ingest, resumed."""
+    """Every phase through the CLI (multi-processing workers), killed mid-prepare at a fixed point
+    (SIGKILL to the whole run once 2 of its 6 chunks are staged: CM3CURATE_KILL_AFTER_CHUNKS), resumed."""
+    from pipeline.stages.prepare import KILL_AFTER_CHUNKS_ENV
+
     cfg = tmp_path / "run.yaml"
-    cfg.write_text("clip_train: {max_steps: 3, batch_size: 8, progress: false}\n"
+    cfg.write_text("curated: {chunk_rows: 8}\n"
+                   "clip_train: {max_steps: 3, batch_size: 8, progress: false}\n"
                    "align: {mode: top_fraction, keep_fraction: 0.9}\n"
                    "vq: {train: {max_steps: 3, batch_size: 4, eval_every: 3, checkpoint_every: 3, eval_images: 2,\n"
                    "             grid_images: 2, num_threads: 1, progress: false}}\n")
+    assert tiny_corpus["rows"] > 5 * 8  # 6 chunks: the kill comes with 4 still to do
     args = ["run", "--config", str(cfg), "--manifest", str(tiny_corpus["manifest"]),
             "--policy", str(tiny_corpus["policy"])]
     reference = tmp_path / "reference"
@@ -145,19 +149,12 @@ def test_killed_run_resumes_to_the_same_outputs(tiny_corpus, tmp_path):
     assert done.wait(timeout=300) == 0, done.stdout.read()
 
     out = tmp_path / "interrupted"
-    proc = _curate(args + ["--out", str(out)], start_new_session=True)
-    staging = out / "_work" / "staging"  # decoded images appear here during the prepare step
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:  # kill the process group once images are being decoded
-        try:
-            if any(p.stat().st_size for p in staging.rglob("*.bin")):
-                break
-        except OSError:  # the folder is created and removed by the run
-            pass
-        time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (out / "_state" / "prepare.json").exists(), "the kill came too late to test resume"
+    killed = _curate(args + ["--out", str(out)], start_new_session=True,  # its own process group: the hook kills it all
+                     env={**os.environ, KILL_AFTER_CHUNKS_ENV: "2"})
+    output = killed.communicate(timeout=300)[0]
+    assert killed.returncode == -signal.SIGKILL, output
+    assert len(list((out / "_work" / "slices").glob("*.parquet"))) >= 2
+    assert not (out / "_state" / "prepare.json").exists() and not (out / "ledger").exists()
 
     resumed = _curate(args + ["--out", str(out)])
     output = resumed.communicate(timeout=300)[0]
