@@ -289,7 +289,8 @@ def evaluate_checkpoint(model: VQModel, urls: Sequence[str], out: str, tcfg: Tra
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m tokenizer.vq.train`: the same entry point `curate train-vq` wraps."""
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--curated", required=True, help="folder (fsspec URL) holding images-NNNNNN.tar")
+    ap.add_argument("--shards", required=True, help="curated shards: a folder (fsspec URL) of images-NNNNNN.tar, "
+                    "as `curate train-vq --shards`")
     ap.add_argument("--out", required=True)
     ap.add_argument("--config", default="cpu-small")
     ap.add_argument("--max-steps", type=int, default=None)
@@ -305,7 +306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tcfg = TrainVQConfig(batch_size=args.batch_size, crop_size=args.crop_size, lr=args.lr, max_steps=args.max_steps,
                          max_minutes=args.max_minutes, num_threads=args.threads, eval_every=args.eval_every, seed=args.seed,
                          checkpoint_every=args.eval_every)
-    result = train_vq(get_config(args.config), tcfg, list_shards(args.curated), args.out)
+    result = train_vq(get_config(args.config), tcfg, list_shards(args.shards), args.out)
     print(json.dumps(result.get("eval", {}), indent=2))  # CLI output, not library logging
     return 0
 
