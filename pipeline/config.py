@@ -510,8 +510,57 @@ def describe_yaml_error(exc: Exception) -> str:
     return f"not valid YAML{where}: {getattr(exc, 'problem', None) or exc}"
 
 
+# Keys that name files: a relative path in a config file means "beside this file".
+PATH_KEYS: tuple[tuple[str, ...], ...] = (
+    ("manifests",), ("policy",), ("out",), ("align", "clip", "weights"), ("vq", "weights"), ("text", "tokenizer"),
+    ("dedup", "previous_run"),
+)
+
+
+def resolve_path(path: str, base: str) -> str:
+    """`path` as written in a file in folder `base` (a local folder or a URL): URLs and absolute
+    paths stay as they are; a relative one is joined to `base` (local: made absolute)."""
+    import os
+    from pathlib import Path
+
+    if "://" in path or os.path.isabs(path):
+        return path
+    if "://" in base:
+        return base + path if base.endswith("://") else f"{base.rstrip('/')}/{path}"
+    return str((Path(base) / path).resolve())
+
+
+def _resolve_paths(data: dict[str, Any], base: str) -> dict[str, Any]:
+    """The PATH_KEYS of a raw config mapping resolved against `base`; other values untouched."""
+    for keys in PATH_KEYS:
+        parent: Any = data
+        for key in keys[:-1]:
+            parent = parent.get(key) if isinstance(parent, Mapping) else None
+        if not isinstance(parent, dict) or keys[-1] not in parent:
+            continue
+        value = parent[keys[-1]]
+        if isinstance(value, str):
+            parent[keys[-1]] = resolve_path(value, base)
+        elif isinstance(value, list):
+            parent[keys[-1]] = [resolve_path(v, base) if isinstance(v, str) else v for v in value]
+    return data
+
+
+def config_folder(url: str) -> str:
+    """The folder a config file's relative paths are resolved against."""
+    import os
+
+    if "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://{rest.rsplit('/', 1)[0] if '/' in rest else ''}"
+    return os.path.dirname(os.path.realpath(url))
+
+
 def load_config(url: str | None, overrides: Mapping[str, Any] | None = None) -> RunConfig:
-    """Read a YAML config (any fsspec URL) and apply top-level overrides (CLI flags)."""
+    """Read a YAML config (any fsspec URL) and apply top-level overrides (CLI flags).
+
+    Relative paths in the file (PATH_KEYS) are resolved against the file's folder; overrides
+    are taken as given."""
     data: dict[str, Any] = {}
     if url:
         try:
@@ -525,6 +574,7 @@ def load_config(url: str | None, overrides: Mapping[str, Any] | None = None) -> 
             raise ConfigError(f"{url}: cannot be read: {exc}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{url}: the config must be a YAML mapping")
+        data = _resolve_paths(data, config_folder(url))
     for key, value in (overrides or {}).items():
         if value is not None and value != ():
             data[key] = value

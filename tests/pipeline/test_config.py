@@ -86,3 +86,35 @@ def test_train_commands_on_an_existing_curated_store(tiny_corpus, tmp_path, caps
     tok = load_bpe(str(out / "models" / "text-bpe.json"))
     assert vocab.image_offset == 600 and tok.decode(tok.encode("a photo").ids) == "a photo"
     assert main(["train-text", "--out", str(tmp_path / "empty")]) == 2  # no curated shards: a clear error
+
+
+def test_relative_paths_in_a_config_file_resolve_against_its_folder(tmp_path):
+    """Every key that names a file: relative means beside the config; absolute paths and URLs
+    stay; through load_config (any caller) and through the CLI."""
+    from pipeline.config import PATH_KEYS
+
+    folder = tmp_path / "cfg"
+    folder.mkdir()
+    path = folder / "run.yaml"
+    path.write_text("manifests: [m.jsonl, /abs/m2.jsonl, s3://bucket/m3.jsonl]\npolicy: ../p.yaml\nout: result\n"
+                    "align: {clip: {weights: models/clip.safetensors}}\n"
+                    "vq: {weights: models/vq/vq.safetensors}\n"
+                    "text: {tokenizer: models/text-bpe.json}\n"
+                    "dedup: {previous_run: 'runs/2026-10/curated/metadata-*.parquet'}\n")
+    cfg = load_config(str(path))
+    assert cfg.manifests == (str(folder / "m.jsonl"), "/abs/m2.jsonl", "s3://bucket/m3.jsonl")
+    assert cfg.policy == str(tmp_path / "p.yaml") and cfg.out == str(folder / "result")
+    assert cfg.align.clip.weights == str(folder / "models" / "clip.safetensors")
+    assert cfg.vq.weights == str(folder / "models" / "vq" / "vq.safetensors")
+    assert cfg.text.tokenizer == str(folder / "models" / "text-bpe.json")
+    assert cfg.dedup.previous_run == str(folder / "runs" / "2026-10" / "curated" / "metadata-*.parquet")
+    assert len(PATH_KEYS) == 7  # each is checked above
+    args, _ = build_parser().parse_known_args(["run", "--config", str(path)])
+    through_cli = config_from_args(args)
+    assert (through_cli.vq.weights, through_cli.text.tokenizer, through_cli.dedup.previous_run) == \
+        (cfg.vq.weights, cfg.text.tokenizer, cfg.dedup.previous_run)
+    # a config on an object store: relative paths sit beside it there
+    import fsspec
+    fsspec.filesystem("memory").pipe("/cfgs/run.yaml", b"manifests: m.jsonl\ntext: {tokenizer: bpe.json}\n")
+    remote = load_config("memory://cfgs/run.yaml")
+    assert remote.manifests == ("memory://cfgs/m.jsonl",) and remote.text.tokenizer == "memory://cfgs/bpe.json"
