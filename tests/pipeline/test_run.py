@@ -92,6 +92,44 @@ def test_curated_store_is_webdataset_with_full_metadata(first_run):
         assert {(m.mtime, m.uid, m.uname) for m in tar.getmembers()} == {(0, 0, "")}
 
 
+def test_run_json_counters_account_for_every_row_the_ledger_holds(first_run):
+    """validate, license, fetch, decode, dedup and store counters in run.json against the ledger.
+    A stage counts what it saw; the one later relabelling is a repeated asset id (docs/reasons.md)."""
+    from collections import Counter
+
+    corpus, out, report = first_run
+    counters = json.loads((out / "run.json").read_text())["counters"]
+    assert counters == report.counters
+    rows = ledger.read_ledger(str(out)).to_pylist()
+    final = Counter((r["stage"], r["reason"]) for r in rows if r["status"] == "rejected")
+
+    def rejected(stage):
+        return {k.split("/", 2)[2]: v for k, v in counters.items() if k.startswith(f"{stage}/rejected/")}
+
+    repeats = final["validate", "DUPLICATE_ASSET_ID"]
+    assert repeats >= 1 and counters["ingest/in"] == counters["validate/in"] == corpus["rows"]
+    assert rejected("validate") == {reason: n for (stage, reason), n in final.items() if stage == "validate"}
+    assert counters["validate/in"] == counters["validate/kept"] + sum(rejected("validate").values()) - repeats
+    assert counters["license/in"] == counters["validate/kept"]  # repeats are still checked: their id is decided later
+    assert counters["fetch/in"] == counters["license/kept"] and counters["decode/in"] == counters["fetch/kept"]
+    relabelled = 0  # a repeated id's row, counted by the stage that ended it, says DUPLICATE_ASSET_ID in the ledger
+    for stage in ("license", "fetch", "decode"):
+        counted = rejected(stage)
+        assert counters[f"{stage}/in"] == counters[f"{stage}/kept"] + sum(counted.values())
+        assert set(counted) == {reason for (s, reason) in final if s == stage}
+        for reason, n in counted.items():
+            assert n >= final[stage, reason]
+            relabelled += n - final[stage, reason]
+    relabelled += counters["decode/kept"] - counters["dedup_exact/in"]
+    assert relabelled == repeats
+    for stage, reason in (("dedup_exact", "EXACT_DUPLICATE"), ("dedup_near", "NEAR_DUPLICATE")):
+        assert rejected(stage) == {reason: final[stage, reason]} and final[stage, reason] >= 1
+        assert counters[f"{stage}/in"] == counters[f"{stage}/kept"] + final[stage, reason]
+    assert counters["dedup_near/in"] == counters["dedup_exact/kept"]
+    index = json.loads((out / "curated" / "index.json").read_text())
+    assert counters["store/samples_written"] == counters["dedup_near/kept"] == index["samples"] == report.summary.kept
+
+
 def test_same_inputs_give_byte_identical_outputs(first_run, tmp_path):
     corpus, out, _ = first_run
     again = tmp_path / "again"
