@@ -24,7 +24,9 @@ import pyarrow.parquet as pq
 
 from pipeline import ledger, storage
 from pipeline.config import BeamConfig, RunConfig, TokensConfig
-from pipeline.run import RunContext, beam_options, step_tokens
+from pipeline.runner import beam_options
+from pipeline.steps.context import RunContext
+from pipeline.steps.tokens import step_tokens
 from pipeline.stages.tokens import assemble, fit_neighbours, make_document, provenance_row, sequence_order
 from tokenizer import token_shards
 from tokenizer.text import train_bpe

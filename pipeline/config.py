@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -442,13 +440,6 @@ class RunConfig:
 
     def to_json(self) -> dict[str, Any]:
         return _to_json(self)
-
-    def phase_hash(self, *sections: str) -> str:
-        """Content hash of the sections a phase depends on (plus inputs), for resume."""
-        data = self.to_json()
-        picked = {name: data[name] for name in ("manifests", "policy", "seed", *sections)}
-        blob = json.dumps(picked, sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def _to_json(value: Any) -> Any:

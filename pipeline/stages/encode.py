@@ -18,7 +18,6 @@ from typing import Any, Iterable, Iterator, Sequence
 import apache_beam as beam
 import fsspec
 import numpy as np
-from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.utils.shared import Shared
 
@@ -198,20 +197,23 @@ def _write_codes_shard(item: tuple[int, Iterable[dict[str, Any]]], out_dir: str)
     return url
 
 
-def _write_rejections(item: tuple[None, Iterable[Rejected]], out_dir: str) -> str:
+def _write_rejections(item: tuple[None, Iterable[Rejected]], url: str) -> str:
     _, rejected = item
     rows = sorted(rejected, key=lambda r: r.asset_id or "")
-    url = f"{out_dir.rstrip('/')}/encode-rejected.jsonl"
-    with fsspec.open(url, "w") as f:
-        for r in rows:
-            f.write(json.dumps({"key": r.asset_id, "stage": r.stage, "reason": r.reason.value, "detail": r.detail}) + "\n")
+    lines = "".join(json.dumps({"key": r.asset_id, "stage": r.stage, "reason": r.reason.value, "detail": r.detail})
+                    + "\n" for r in rows)
+    storage.write_bytes(url, lines.encode("utf-8"))
     return url
 
 
 def encode_curated_store(curated_dir: str, model_path: str, out_dir: str, pipeline_options: PipelineOptions | None = None,
                          batch_size: int = 32, device: str = "cpu", num_shards: int | None = None,
-                         progress: Progress | None = None) -> dict[str, Any]:
-    """Encode every image of `curated_dir` into `out_dir/codes-NNNNNN.parquet`; returns counts and files."""
+                         progress: Progress | None = None, rejected_url: str | None = None) -> dict[str, Any]:
+    """Encode every image of `curated_dir` into `out_dir/codes-NNNNNN.parquet`; returns counts and files.
+
+    Images that cannot be encoded go to `rejected_url` (JSONL: key, stage, reason, detail;
+    default `out_dir/encode-rejected.jsonl`), which a run hands to the ledger."""
+    from pipeline.runner import run_beam
     from tokenizer.shards import list_shards
 
     shards = list_shards(curated_dir)
@@ -220,10 +222,21 @@ def encode_curated_store(curated_dir: str, model_path: str, out_dir: str, pipeli
     n_out = num_shards or len(shards)
     fs, root = fsspec.core.url_to_fs(out_dir)
     fs.makedirs(root, exist_ok=True)
-    for stale in fs.glob(root.rstrip("/") + "/codes-*.parquet") + fs.glob(root.rstrip("/") + "/encode-rejected.jsonl"):
+    rejected_url = rejected_url or storage.join(out_dir, "encode-rejected.jsonl")
+    for stale in fs.glob(root.rstrip("/") + "/codes-*.parquet"):
         fs.rm(stale)  # a rerun with another shard count must not leave old shards behind
+    storage.remove_tree(rejected_url)
     cfg = EncodeConfig(model_path=model_path, batch_size=batch_size, device=device)
-    p = beam.Pipeline(options=pipeline_options or PipelineOptions())
+    counters = run_beam(lambda p: _encode_graph(p, cfg, shards, n_out, out_dir, rejected_url, progress),
+                        pipeline_options or PipelineOptions())
+    counts = {k.split("/", 1)[1]: v for k, v in counters.items() if k.startswith(f"{STAGE}/")}
+    files = sorted(fs.unstrip_protocol(f) if "://" in out_dir else f for f in fs.glob(root.rstrip("/") + "/codes-*.parquet"))
+    log.info("encode: %s -> %d parquet shards, counters %s", curated_dir, len(files), counts)
+    return {"counters": counts, "files": files, "rejected": sum(v for k, v in counts.items() if k.startswith("rejected/"))}
+
+
+def _encode_graph(p: beam.Pipeline, cfg: EncodeConfig, shards: list[str], n_out: int, out_dir: str, rejected_url: str,
+                  progress: Progress | None) -> None:
     samples = (
         p
         | "ListShards" >> beam.Create(shards)
@@ -244,13 +257,5 @@ def encode_curated_store(curated_dir: str, model_path: str, out_dir: str, pipeli
         rejected
         | "KeyRejected" >> beam.Map(lambda r: (None, r))
         | "GroupRejected" >> beam.GroupByKey()
-        | "WriteRejected" >> beam.Map(_write_rejections, out_dir)
+        | "WriteRejected" >> beam.Map(_write_rejections, rejected_url)
     )
-    result = p.run()
-    result.wait_until_finish()
-    counts = {}
-    for c in result.metrics().query(MetricsFilter().with_namespace(STAGE))["counters"]:
-        counts[c.key.metric.name] = counts.get(c.key.metric.name, 0) + (c.committed or 0)
-    files = sorted(fs.unstrip_protocol(f) if "://" in out_dir else f for f in fs.glob(root.rstrip("/") + "/codes-*.parquet"))
-    log.info("encode: %s -> %d parquet shards, counters %s", curated_dir, len(files), counts)
-    return {"counters": counts, "files": files, "rejected": sum(v for k, v in counts.items() if k.startswith("rejected/"))}

@@ -1,7 +1,7 @@
 import pytest
 
 from pipeline.cli import build_parser, config_from_args, main
-from pipeline.config import ConfigError, DecodeConfig, RunConfig, load_config
+from pipeline.config import ConfigError, RunConfig, load_config
 
 
 def write(tmp_path, text):
@@ -33,13 +33,6 @@ def test_nested_sections_and_types(tmp_path):
 def test_config_errors_name_the_key(tmp_path, text, match):
     with pytest.raises(ConfigError, match=match):
         load_config(write(tmp_path, text))
-
-
-def test_phase_hash_depends_only_on_relevant_sections():
-    base = RunConfig(manifests=("m.jsonl",), policy="p.yaml")
-    same = RunConfig(manifests=("m.jsonl",), policy="p.yaml", out="elsewhere")
-    other = RunConfig(manifests=("m.jsonl",), policy="p.yaml", decode=DecodeConfig(resolution=128))
-    assert base.phase_hash("decode") == same.phase_hash("decode") != other.phase_hash("decode")
 
 
 def test_cli_paths_resolve_against_the_config_file_and_flags_override(tmp_path):

@@ -244,7 +244,7 @@ def test_align_step_with_semantic_dedup_keeps_the_ledger_whole(tiny_corpus, tmp_
 
 
 def test_malloc_arena_cap_is_set_for_local_workers_unless_the_user_chose(monkeypatch) -> None:
-    from pipeline.run import limit_malloc_arenas
+    from pipeline.runner import limit_malloc_arenas
 
     monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
     limit_malloc_arenas()

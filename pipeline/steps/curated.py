@@ -1,0 +1,185 @@
+"""The `curated` phase: prepare (ingest, license gate, fetch, decode, exact and near dedup),
+clip (train the licensed-lineage CLIP) and align (CLIP scores, the alignment filter,
+semantic dedup, the curated store and the ledger)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import apache_beam as beam
+
+from pipeline import ledger, storage
+from pipeline.progress import Progress, counted
+from pipeline.runner import run_beam
+from pipeline.stages.base import REJECTED
+from pipeline.stages.dedup import DedupSemantic
+from pipeline.stages.ingest import read_chunks
+from pipeline.stages.store import ReadCuratedStore, StageImages, WriteCuratedStore, write_index
+from pipeline.steps.context import (DECISIONS, PREPARED, SLICES, STAGING, WORK, NothingToDo, RunContext,
+                                    WorkerDied, clip_config, copy_file)
+from pipeline.takedown import taken_down
+
+log = logging.getLogger(__name__)
+
+
+def build_prepare_graph(p: beam.Pipeline, ctx: RunContext, progress: Progress | None = None,
+                        isolate: frozenset[str] = frozenset()) -> None:
+    """A–B: manifests -> validated, licensed, fetched, decoded, deduplicated assets.
+
+    Per-row work runs in chunks that never leave their worker; only compact records reach
+    the global steps (see pipeline/stages/prepare.py), so memory does not grow with the
+    delivery. Semantic dedup needs CLIP embeddings: it runs in the align step.
+    """
+    from pipeline.stages import prepare
+
+    cfg = ctx.cfg
+    work = ctx.path(WORK)
+    summaries = (
+        p
+        | "ManifestUrls" >> beam.Create(list(enumerate(sorted(cfg.manifests))))
+        | "ReadChunks" >> beam.FlatMap(read_chunks, cfg.curated.chunk_rows)
+        | "Rebalance" >> beam.Reshuffle()
+        | "ProcessChunks" >> beam.ParDo(prepare.ProcessChunk(
+            cfg.validate, ctx.policy, cfg.fetch, cfg.decode, dataclasses.replace(cfg.dedup, semantic=False), work,
+            progress, isolate))
+    )
+    plan = (
+        summaries
+        | "CollectChunks" >> beam.combiners.ToList()
+        | "Decide" >> beam.ParDo(prepare.Decide(cfg.dedup, work, cfg.curated.samples_per_shard,
+                                                taken_down(cfg.out))).with_outputs(
+            prepare.Decide.LEDGER, main="shards")
+    )
+    prepared = ctx.path(PREPARED)
+    _ = (
+        plan.shards
+        | "GroupByShard" >> beam.GroupByKey()
+        | "WriteShards" >> beam.ParDo(prepare.WriteShardFromRecords(prepared))
+        | "CollectIndex" >> beam.combiners.ToList()
+        | "WriteIndex" >> beam.Map(lambda shards: write_index(prepared, shards))
+    )
+    _ = (
+        plan[prepare.Decide.LEDGER]
+        | "SpreadLedger" >> beam.Reshuffle()
+        | "WriteLedger" >> beam.ParDo(prepare.WriteLedgerPart(work, prepared))
+    )
+
+
+def _write_ledger(kept, rejections, out: str, stage: str, earlier=None) -> None:
+    kept_rows = kept | "KeptRows" >> beam.Map(ledger.kept_row, stage)
+    parts = [kept_rows]
+    if rejections:
+        parts.append(tuple(rejections) | "FlattenRejected" >> beam.Flatten()
+                     | "RejectedRows" >> beam.Map(ledger.rejected_row))
+    if earlier is not None:
+        parts.append(earlier)
+    _ = tuple(parts) | "AllLedgerRows" >> beam.Flatten() | "WriteLedger" >> ledger.WriteLedger(out)
+
+
+def step_prepare(ctx: RunContext):
+    inflight = ctx.path(WORK, "inflight")
+    suspects = frozenset(url.rsplit("/", 1)[-1] for url in storage.list_files(inflight, "*"))
+    if suspects:
+        log.warning("prepare: a worker died on chunk(s) %s last time: their rows are probed one at a time",
+                    sorted(suspects))
+    storage.remove_tree(inflight)
+    try:
+        with ctx.beam_step("prepare", ctx.rows_in) as progress:
+            counters = run_beam(lambda p: build_prepare_graph(p, ctx, progress, suspects), ctx.options)
+    except Exception as exc:  # noqa: BLE001 - re-raised, one line if a worker process died
+        left = sorted(url.rsplit("/", 1)[-1] for url in storage.list_files(inflight, "*"))
+        if left:
+            raise WorkerDied(
+                f"prepare: a worker process died while processing chunk(s) {', '.join(left[:5])} "
+                f"({type(exc).__name__}); rerun the same command: those chunks' rows are then tried one at a "
+                "time, and a row that kills its process again is rejected as WORKER_CRASHED") from exc
+        raise
+    for work in (STAGING, SLICES, DECISIONS):
+        storage.remove_tree(ctx.path(work))
+    index = storage.read_json(ctx.path(PREPARED, "index.json"))
+    return counters, {"samples": index["samples"], "shards": len(index["shards"])}
+
+
+# ----------------------------------------------------------------------------- step: clip
+
+
+def step_clip(ctx: RunContext):
+    clip = ctx.cfg.align.clip
+    if not ctx.cfg.align.enabled:
+        return {}, {"skipped": "align.enabled is false"}
+    if clip.weights:
+        return {}, {"weights": clip.weights, "trained": False}
+    from pipeline.clip import train_clip
+
+    shards = storage.list_files(ctx.path(PREPARED), "images-*.tar")
+    if not shards:
+        raise NothingToDo("no curated images to train the CLIP on: every row was rejected before alignment "
+                          "(see the ledger: OUT/_work/prepared/ledger/)")
+    info = train_clip(clip, ctx.cfg.clip_train, shards, ctx.path("models", "clip"))
+    return {}, {"trained": True, **{k: v for k, v in info.items() if isinstance(v, (int, float, str, bool))}}
+
+
+# ----------------------------------------------------------------------------- step: align
+
+
+def _earlier_rejections(prepared_ledger_dir: str):
+    """The prepare step's ledger rows that are already final (rejected)."""
+    import pyarrow.parquet as pq
+    import fsspec
+
+    for url in storage.list_files(prepared_ledger_dir, "ledger-*.parquet"):
+        with fsspec.open(url, "rb") as handle:
+            for row in pq.read_table(handle, schema=ledger.LEDGER_SCHEMA).to_pylist():
+                if row["status"] == "rejected":
+                    yield row
+
+
+def build_align_graph(p: beam.Pipeline, ctx: RunContext, progress: Progress | None = None) -> None:
+    """C: score every prepared asset with CLIP, filter, (semantic dedup), write the store."""
+    from pipeline.stages.align import FilterAlignment, KeptEmbeddings, ScoreAlignment, WriteEmbeddings
+
+    cfg = ctx.cfg
+    assets = p | "ReadPrepared" >> ReadCuratedStore(ctx.path(PREPARED))
+    earlier = p | "PreparedLedger" >> beam.Create([ctx.path(PREPARED, "ledger")]) \
+        | "EarlierRejections" >> beam.FlatMap(_earlier_rejections)
+    curated = ctx.path("curated")
+    align_cfg = dataclasses.replace(cfg.align, clip=clip_config(ctx))
+    scored = counted(assets, progress) | "ScoreAlignment" >> ScoreAlignment(align_cfg)
+    staged = scored.kept | "StageImages" >> beam.ParDo(StageImages(ctx.path(STAGING)))
+    filtered = staged | "FilterAlignment" >> FilterAlignment(align_cfg)
+    kept = filtered.kept
+    rejections = [scored[REJECTED], filtered[REJECTED]]
+    if cfg.dedup.semantic:
+        vectors = scored.embeddings | "ImageVectors" >> beam.Map(
+            lambda r: (r["asset_id"], r["image_emb"].astype("float32")))
+        kept, rejected_sem = kept | "DedupSemantic" >> DedupSemantic(cfg.dedup, vectors)
+        rejections.append(rejected_sem)
+    _ = kept | "WriteCurated" >> WriteCuratedStore(curated, cfg.curated.samples_per_shard)
+    shards = max(1, len(storage.list_files(ctx.path(PREPARED), "images-*.tar")))
+    _ = (scored.embeddings | "KeptEmbeddings" >> KeptEmbeddings(kept)
+         | "WriteEmbeddings" >> WriteEmbeddings(curated, num_shards=shards))
+    _write_ledger(kept, rejections, ctx.out, stage="curated", earlier=earlier)
+
+
+def _copy_prepared(ctx: RunContext) -> None:
+    """Without alignment the prepared store is final: copy its files (byte for byte)."""
+    for pattern in ("images-*.tar", "metadata-*.parquet", "index.json"):
+        for url in storage.list_files(ctx.path(PREPARED), pattern):
+            copy_file(url, storage.join(ctx.path("curated"), url.rsplit("/", 1)[-1]))
+    for url in storage.list_files(ctx.path(PREPARED, "ledger"), "ledger-*.parquet"):
+        copy_file(url, storage.join(ctx.path("ledger"), url.rsplit("/", 1)[-1]))
+
+
+def step_align(ctx: RunContext):
+    if not ctx.cfg.align.enabled:
+        _copy_prepared(ctx)
+        index = storage.read_json(ctx.path("curated", "index.json"))
+        return {}, {"samples": index["samples"], "shards": len(index["shards"]), "clip_weights": None}
+    samples = storage.read_json(ctx.path(PREPARED, "index.json"))["samples"]
+    with ctx.beam_step("align", samples, "images") as progress:
+        counters = run_beam(lambda p: build_align_graph(p, ctx, progress), ctx.options)
+    storage.remove_tree(ctx.path(STAGING))
+    index = storage.read_json(ctx.path("curated", "index.json"))
+    return counters, {"samples": index["samples"], "shards": len(index["shards"]),
+                      "clip_weights": clip_config(ctx).weights}
