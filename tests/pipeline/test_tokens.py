@@ -134,6 +134,26 @@ def test_provenance_covers_every_asset_and_only_kept_ones(tokens_run):
     assert neighbours >= len(rows)  # retrieval really fed the sequences (k = 2, budget fits two)
 
 
+def test_run_json_counts_neighbours_and_tokens_as_the_tables_hold_them(tokens_run):
+    """neighbours/in = documents in the neighbour table, fewer_than_k = its rows short of k, no
+    errors; tokens/in|kept|rejected against the ledger and the sequences table."""
+    out, report = tokens_run["out"], tokens_run["report"]
+    counters = json.loads((out / "run.json").read_text())["counters"]
+    assert counters == report.counters
+    table = [r for p in sorted((out / "index").glob("neighbours-*.parquet")) for r in pq.read_table(p).to_pylist()]
+    k = json.loads((out / "run.json").read_text())["config"]["neighbours"]["k"]
+    rows = ledger.read_ledger(str(out)).to_pylist()
+    scored = [r for r in rows if r["clip_score"] is not None]  # the documents the index holds
+    assert counters["neighbours/in"] == len(table) == len(scored) > 0
+    short = sum(len(r["neighbour_keys"]) < k for r in table)
+    assert counters.get("neighbours/fewer_than_k", 0) == short < len(table)
+    assert counters.get("neighbours/error", 0) == 0
+    too_long = sum(r["reason"] == "SEQUENCE_TOO_LONG" for r in rows)
+    assert counters["tokens/rejected/SEQUENCE_TOO_LONG"] == too_long == 1
+    assert counters["tokens/in"] == counters["tokens/kept"] + too_long
+    assert counters["tokens/kept"] == len(_sequences(out)) == sum(r["status"] == "kept" for r in rows)
+
+
 def test_sequences_have_the_cm3_layout_and_budget(tokens_run):
     out = tokens_run["out"]
     vocab = JointVocab.load(str(out / "tokens" / "vocab.json"))
