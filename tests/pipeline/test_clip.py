@@ -27,8 +27,10 @@ from pipeline.clip import (
     iter_curated_samples,
     load_clip,
     read_state_dict,
+    register_model_config,
     train_clip,
 )
+from pipeline.clip.train import contrastive_loss
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_IMAGES = REPO / "manifests" / "demo" / "images"
@@ -208,3 +210,46 @@ def test_document_embedding_is_renormalised_mean():
     img, txt = np.array([3.0, 0.0]), np.array([0.0, 1.0])
     np.testing.assert_allclose(document_embedding(img, txt), [2 ** -0.5, 2 ** -0.5], rtol=1e-6)
     np.testing.assert_allclose(document_embedding(img, None), [1.0, 0.0])
+
+
+def test_models_come_from_open_clips_registry_and_factory():
+    """A built-in arch is an ordinary open_clip registry entry after loading, and the model
+    load_clip builds (seed 0, no weights) is exactly what open_clip.create_model builds."""
+    import open_clip
+
+    model, _, _ = load_clip("cpu-tiny", None, "cpu")
+    assert open_clip.get_model_config("cpu-tiny") == BUILTIN_ARCHS["cpu-tiny"]
+    torch.manual_seed(0)
+    direct = open_clip.create_model("cpu-tiny", pretrained=None, pretrained_text=False)
+    for key, value in direct.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+    # a config dict (a checkpoint's clip.json, a user's JSON) is registered under its content
+    cfg = json.loads(json.dumps(BUILTIN_ARCHS["cpu-tiny"]))
+    cfg["embed_dim"] = 64
+    name = register_model_config(cfg)
+    assert name.startswith("cm3curate-") and open_clip.get_model_config(name) == cfg
+    assert register_model_config(json.loads(json.dumps(cfg))) == name
+    assert build_model(cfg).text_projection.shape[1] == 64
+
+
+def test_training_loss_is_open_clips_with_the_previous_bits():
+    """`contrastive_loss` is open_clip's ClipLoss, and gives the same value and gradients, to
+    the bit, as the symmetric cross-entropy this project trained with before: the trained
+    CLIP, and so every alignment score and index, stay byte-identical."""
+    import open_clip
+    import torch.nn.functional as F
+
+    loss = contrastive_loss()
+    assert isinstance(loss, open_clip.ClipLoss)
+    g = torch.Generator().manual_seed(0)
+    img = F.normalize(torch.randn(16, 32, generator=g), dim=-1).requires_grad_()
+    txt = F.normalize(torch.randn(16, 32, generator=g), dim=-1).requires_grad_()
+    scale = torch.tensor(14.3)
+    ours = loss(img, txt, scale)
+    grads = torch.autograd.grad(ours, (img, txt))
+    logits = scale * img @ txt.T
+    target = torch.arange(16)
+    before = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+    assert torch.equal(ours, before)
+    for got, want in zip(grads, torch.autograd.grad(before, (img, txt))):
+        assert torch.equal(got, want)
