@@ -5,6 +5,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -128,6 +129,52 @@ def test_run_json_counters_account_for_every_row_the_ledger_holds(first_run):
     assert counters["dedup_near/in"] == counters["dedup_exact/kept"]
     index = json.loads((out / "curated" / "index.json").read_text())
     assert counters["store/samples_written"] == counters["dedup_near/kept"] == index["samples"] == report.summary.kept
+
+
+def test_a_delivery_of_two_manifests_with_an_id_in_both(tiny_corpus, tmp_path):
+    """The COCO rows in a.jsonl, the bad cases in b.jsonl (exact and near copies of a's photos,
+    a's first id repeated) plus a kept asset's id again in b with another photo. One ledger over
+    both files; dedup works across them; of a repeated id, the earliest (manifest URL, row) wins,
+    however the manifests are listed."""
+    from tests.conftest import DEMO, demo_rows, write_jsonl
+
+    corpus = tiny_corpus
+    target = next(r for r in corpus["coco"] if "ND" not in r["license_id"]
+                  and r["asset_id"] not in {b.get("derived_from") for b in corpus["bad"] if isinstance(b, dict)})
+    used = {r["uri"] for r in corpus["coco"]}
+    other = next(r for r in demo_rows("coco.jsonl") if r["uri"] not in used and "ND" not in r["license_id"])
+    shutil.copy(DEMO / other["uri"], corpus["dir"] / other["uri"])
+    again = {**target, "uri": other["uri"], "sha256": other["sha256"]}  # same id, another photo
+    a = write_jsonl(corpus["dir"] / "a.jsonl", corpus["coco"])
+    b = write_jsonl(corpus["dir"] / "b.jsonl", corpus["bad"] + [again])
+    rows_in = len(corpus["coco"]) + len(corpus["bad"]) + 1
+
+    def deliver(manifests, out):
+        cfg = RunConfig(manifests=tuple(str(m) for m in manifests), policy=str(corpus["policy"]), out=str(out),
+                        align=AlignConfig(enabled=False))
+        report = run(cfg, until="curated", beam_flags=IN_MEMORY)
+        assert report.summary.rows_in == rows_in
+        rows = ledger.read_ledger(str(out)).to_pylist()
+        assert len(rows) == rows_in and {r["manifest_uri"] for r in rows} == {str(a), str(b)}
+        return rows, {(r["manifest_uri"], r["asset_id"]): r for r in rows}
+
+    _, by = deliver([a, b], tmp_path / "ab")
+    assert {p.name[:11] for p in (tmp_path / "ab" / "ledger").glob("*.parquet")} == {"ledger-0000", "ledger-0001"}
+    for asset_id, reason in EXPECTED.items():  # dup-exact / dup-near in b match their originals in a
+        assert by[str(b), asset_id]["reason"] == reason, asset_id
+    first, repeat = by[str(a), target["asset_id"]], by[str(b), target["asset_id"]]
+    assert first["status"] == "kept" and first["sha256"] == target["sha256"]
+    assert (repeat["status"], repeat["stage"], repeat["reason"], repeat["dup_of"]) == \
+        ("rejected", "validate", "DUPLICATE_ASSET_ID", target["asset_id"])
+    assert f"{a} row {first['manifest_row']}" in repeat["detail"]
+    assert by[str(b), corpus["coco"][0]["asset_id"]]["reason"] == "DUPLICATE_ASSET_ID"  # a's first id, repeated in b
+    meta = [m for p in sorted((tmp_path / "ab" / "curated").glob("metadata-*.parquet"))
+            for m in pq.read_table(p).to_pylist() if m["asset_id"] == target["asset_id"]]
+    assert [(m["manifest_uri"], m["sha256"]) for m in meta] == [(str(a), target["sha256"])]
+
+    _, by = deliver([b, a], tmp_path / "ba")  # listed the other way round: a (the earlier URL) still wins
+    assert by[str(b), target["asset_id"]]["reason"] == "DUPLICATE_ASSET_ID"  # manifests in URL order, not as listed
+    assert tree_digest(tmp_path / "ab", "curated", "ledger") == tree_digest(tmp_path / "ba", "curated", "ledger")
 
 
 def test_same_inputs_give_byte_identical_outputs(first_run, tmp_path):
