@@ -1,12 +1,18 @@
-"""Near-dup clustering at 10k / 100k / 1M hashes: time, peak memory, growth ratio, recall.
+"""Near-dup clustering at 10k / 100k / 1M hashes: time, peak memory, growth ratio, recall;
+and, with --faiss, the same search by faiss.IndexBinaryMultiHash, as a ratio to the kernel.
 
 Hashes are generated: uniform random 64-bit values plus planted near-duplicates (1..radius
 flips), a block of identical "blank image" hashes, a skewed block that shares one band
 value (a huge bucket that is not dense) and a small dense block (all within the radius of
 each other). Each size runs in a fresh process so peak RSS is that size's own.
 
+FAISS is configured to be exact too (multi-index hashing: `nhash` tables of `b` bits,
+`nflip` flips probed per table, with nhash * (nflip + 1) > radius); its pairs are compared
+with the kernel's, so the check is "same pairs", not a recall estimate. Without --faiss it
+still runs at sizes up to 20,000 as the all-pairs reference.
+
     nice python benchmarks/dedup.py [--sizes 10000,100000,1000000] [--radius 8]
-                                    [--engine auto|compiled|numpy] [--threads N]
+                                    [--engine auto|compiled] [--threads N] [--faiss]
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline import neardup  # noqa: E402
+from pipeline.dedup_cluster import cluster  # noqa: E402
+from pipeline.dedup_search import ENGINES, default_threads, find_pairs  # noqa: E402
 
 
 def generate(n: int, radius: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -58,18 +65,44 @@ def generate(n: int, radius: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray
     return h, originals, copies
 
 
-def run_one(n: int, radius: int, cap: int, repeats: int, engine: str, threads: int | None) -> dict:
+def faiss_plan(radius: int) -> tuple[int, int, int]:
+    """(nhash, b, nflip) for an exact FAISS multi-hash search: 3 tables of 21 bits (the
+    kernel's shape at 100k-1M) probed with nflip flips each, nhash * (nflip + 1) > radius."""
+    nhash, b = 3, 21
+    return nhash, b, -(-(radius + 1) // nhash) - 1
+
+
+def faiss_pairs(hashes: np.ndarray, radius: int) -> tuple[set[tuple[int, int]], float]:
+    """Pairs of first rows of distinct values within `radius` (find_pairs' contract) by
+    faiss.IndexBinaryMultiHash, and the seconds it took (build + range search + mapping)."""
+    import faiss
+
+    t0 = time.perf_counter()
+    uniq, first = np.unique(np.ascontiguousarray(hashes, dtype=np.uint64), return_index=True)
+    codes = uniq.view(np.uint8).reshape(-1, 8)
+    nhash, b, nflip = faiss_plan(radius)
+    index = faiss.IndexBinaryMultiHash(64, nhash, b)
+    index.nflip = nflip
+    index.add(codes)
+    lims, _, found = index.range_search(codes, radius + 1)  # FAISS keeps distance < radius + 1
+    query = np.repeat(np.arange(len(uniq)), np.diff(lims.astype(np.int64)))
+    once = query < found  # each unordered pair is reported from both ends, and each row finds itself
+    i, j = first[query[once]], first[found[once]]
+    pairs = set(zip(np.minimum(i, j).tolist(), np.maximum(i, j).tolist()))
+    return pairs, time.perf_counter() - t0
+
+
+def run_one(n: int, radius: int, cap: int, repeats: int, engine: str, threads: int | None, with_faiss: bool) -> dict:
     h, originals, copies = generate(n, radius)
     # load (or compile, on the very first run) the kernel outside the timed runs and say how long
     t0 = time.perf_counter()
-    if engine != "numpy" and neardup.has_compiled_engine():
-        neardup.find_pairs(h[:2000], radius, engine="compiled", threads=1)
+    find_pairs(h[:2000], radius, threads=1)
     warmup = time.perf_counter() - t0
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     walls, cpus = [], []
     for _ in range(repeats):  # best of N: the machine is shared, the minimum is the signal
         t0, c0 = time.perf_counter(), time.process_time()
-        result = neardup.cluster(h, radius, bucket_cap=cap, engine=engine, threads=threads)
+        result = cluster(h, radius, bucket_cap=cap, engine=engine, threads=threads)
         walls.append(time.perf_counter() - t0)
         cpus.append(time.process_time() - c0)
     seconds, cpu_seconds = min(walls), min(cpus)
@@ -78,7 +111,7 @@ def run_one(n: int, radius: int, cap: int, repeats: int, engine: str, threads: i
     out = {
         "n": n,
         "engine": engine,
-        "threads": 1 if engine == "numpy" or not neardup.has_compiled_engine() else (threads or neardup.default_threads()),
+        "threads": threads or default_threads(),
         "kernel_load_seconds": warmup,
         "seconds": seconds,
         "cpu_seconds": cpu_seconds,
@@ -94,10 +127,21 @@ def run_one(n: int, radius: int, cap: int, repeats: int, engine: str, threads: i
         "brute_force_pairs": result.stats.brute_force_pairs,
         "plan": result.stats.plans[0] if result.stats.plans else "brute",
     }
-    if n <= 20000:  # full reference check: every pair within the radius, by brute force
-        ref = neardup.brute_force_pairs(h, radius)
-        got_label = result.label
-        out["all_pairs_recall"] = float(np.mean([got_label[i] == got_label[j] for i, j in ref])) if ref else 1.0
+    if with_faiss or n <= 20000:  # every pair within the radius: the kernel's vs FAISS's
+        kernel_walls, faiss_walls = [], []
+        for _ in range(repeats):  # the same best-of-N, interleaved so both see the same machine
+            t0 = time.perf_counter()
+            pairs = find_pairs(h, radius, bucket_cap=cap, engine=engine, threads=threads)
+            kernel_walls.append(time.perf_counter() - t0)
+            reference, seconds_faiss = faiss_pairs(h, radius)
+            faiss_walls.append(seconds_faiss)
+        got = set(zip(pairs.i.tolist(), pairs.j.tolist()))
+        out["pairs"] = len(got)
+        out["same_pairs_as_faiss"] = got == reference
+        out["all_pairs_recall"] = len(got & reference) / len(reference) if reference else 1.0
+        out["find_pairs_seconds"] = min(kernel_walls)
+        out["faiss_seconds"] = min(faiss_walls)
+        out["faiss_plan"] = "nhash=%d b=%d nflip=%d" % faiss_plan(radius)
     return out
 
 
@@ -107,19 +151,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--radius", type=int, default=8)
     parser.add_argument("--bucket-cap", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--engine", choices=neardup.ENGINES, default="auto", help="search engine (default auto: compiled kernel when numba imports)")
+    parser.add_argument("--engine", choices=ENGINES, default="auto", help="dedup.engine: both names run the numba kernel (the only engine)")
     parser.add_argument("--threads", type=int, default=None, help="threads for the compiled kernel (default: all cores this process may use)")
+    parser.add_argument("--faiss", action="store_true", help="also time faiss.IndexBinaryMultiHash on the same hashes (ratio to the kernel, same pairs?)")
     parser.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--json", action="store_true", help="print the rows as JSON too")
     args = parser.parse_args(argv)
     if args.one is not None:
-        print(json.dumps(run_one(args.one, args.radius, args.bucket_cap, args.repeats, args.engine, args.threads)))
+        print(json.dumps(run_one(args.one, args.radius, args.bucket_cap, args.repeats, args.engine, args.threads, args.faiss)))
         return 0
     rows = []
     for n in [int(s) for s in args.sizes.split(",")]:
         proc = subprocess.run(
             [sys.executable, __file__, "--one", str(n), "--radius", str(args.radius), "--bucket-cap", str(args.bucket_cap), "--repeats", str(args.repeats),
-             "--engine", args.engine] + (["--threads", str(args.threads)] if args.threads else []),
+             "--engine", args.engine] + (["--threads", str(args.threads)] if args.threads else []) + (["--faiss"] if args.faiss else []),
             check=True, capture_output=True, text=True,
         )
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
@@ -130,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
             f"({r['planted']:,} pairs)  dups {r['duplicates']:,}  candidates {r['candidates']:,}  "
             f"huge buckets {r['huge_buckets']}  plan {r['plan']}  engine {r['engine']} x{r['threads']} "
             f"(kernel load {r['kernel_load_seconds']:.2f} s)"
-            + (f"  all-pairs recall vs brute force {r['all_pairs_recall']:.4f}" if "all_pairs_recall" in r else ""),
+            + (f"  all pairs: {r['pairs']:,}, same as FAISS: {r['same_pairs_as_faiss']} (recall {r['all_pairs_recall']:.4f})"
+               if "pairs" in r else ""),
             flush=True,
         )
     by_n = {r["n"]: r for r in rows}
@@ -148,6 +194,16 @@ def main(argv: list[str] | None = None) -> int:
             f"\n1M / 100k ratio: wall {big['seconds'] / mid['seconds']:.1f}, "
             f"CPU {big['cpu_seconds'] / mid['cpu_seconds']:.1f} (target <= 12)"
         )
+    if args.faiss:
+        print("\nfaiss.IndexBinaryMultiHash (%s) vs the kernel's find_pairs, same process, best of %d:"
+              % (rows[0]["faiss_plan"], args.repeats))
+        print("| n | kernel find_pairs s | FAISS s | FAISS / kernel | same pairs | pairs |")
+        print("|---|---|---|---|---|---|")
+        for r in rows:
+            print(
+                f"| {r['n']:,} | {r['find_pairs_seconds']:.2f} | {r['faiss_seconds']:.2f} | "
+                f"{r['faiss_seconds'] / r['find_pairs_seconds']:.1f} | {r['same_pairs_as_faiss']} | {r['pairs']:,} |"
+            )
     if args.json:
         print(json.dumps(rows))
     return 0
