@@ -1,7 +1,7 @@
 """Near-duplicate quality on real photos: precision and recall per transform and radius.
 
 Builds edited copies of the demo COCO photos with Pillow (the edits stock deliveries make),
-adds the imagededup/UKBench groups, hashes everything the way `DedupNearDuplicates` does,
+adds the imagededup/UKBench groups, hashes everything the way the prepare step does,
 and prints, per transform, recall (edited copy within the radius of its original) and
 precision (of all pairs within the radius, the share that are true copies). The distinct
 photos are 177 real photos (COCO + UKBench distractors); pairs of them within the radius
@@ -102,7 +102,7 @@ def neardup_manifest() -> list[dict]:
 
 
 def hasher(kind: str, source: str) -> Callable[[bytes], int | None]:
-    """What `DedupNearDuplicates` hashes: the normalised image that ingest's decode stage
+    """What the prepare step hashes (hash_input=image): the normalised image that ingest's decode stage
     produces (centre square, 256 px; the default, since decode drops the source bytes) or
     the full source frame. None when decode rejects the file (e.g. TOO_SMALL)."""
     cfg = DecodeConfig()

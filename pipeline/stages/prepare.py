@@ -16,8 +16,8 @@ manifest row grows with the delivery. Here no full record crosses a shuffle:
    It emits one small summary per chunk.
 3. `Decide` (one worker) reads only the compact columns of every slice and makes the
    decisions that need the whole delivery: repeated asset_ids (among rows that passed
-   validation, the earliest manifest row wins), exact duplicates (`dedup.pick_exact`), near
-   duplicates (`dedup._cluster_hashes`), and the shard of every kept asset. It writes the
+   validation, the earliest manifest row wins), exact and near duplicates (the rules of
+   pipeline/dedup_rules.py), and the shard of every kept asset. It writes the
    ledger changes per ledger file (decisions/<part>.parquet) and emits one
    (shard, (key, record pointer, cluster_id)) per kept asset and one task per ledger file.
 4. `WriteShardFromRecords` loads one shard's records from staging and writes the tar +
@@ -46,14 +46,13 @@ import pyarrow as pa
 from apache_beam.metrics import Metrics
 
 from manifests.policy import LicensePolicy
-from pipeline import dedup_hash, ledger, storage
+from pipeline import dedup_hash, dedup_rules, ledger, storage
 from pipeline.progress import Progress
 from pipeline.config import DecodeConfig, DedupConfig, FetchConfig, ValidateConfig
 from pipeline.records import Asset, RejectReason, SourceRow
 from pipeline.stages.base import StageCounters
 from pipeline.stages.decode import DecodeImages
-from pipeline.stages.dedup import (_cluster_hashes, _describe_near, _HashAsset, _previous_exact_keys, exact_key,
-                                   load_previous_hashes, pick_exact, previous_match, rank_key, _Row)
+from pipeline.stages.dedup import _HashAsset
 from pipeline.stages.fetch import Fetched, FetchImages
 from pipeline.stages.ingest import Chunk, _ValidateRow
 from pipeline.stages.licenses import VerifyLicenses
@@ -360,7 +359,7 @@ class Decide(beam.DoFn):
         changes: dict[int, dict[str, Any]] = {}
         survivors = self._repeated_ids(cols, changes)
         survivors = self._not_taken_down(cols, survivors, changes)
-        previous = load_previous_hashes(self.dedup.previous_run) if self.dedup.previous_run else []
+        previous = dedup_rules.load_previous_hashes(self.dedup.previous_run) if self.dedup.previous_run else []
         if self.dedup.exact:
             survivors = self._exact(cols, survivors, previous, changes)
         if self.dedup.near:
@@ -428,32 +427,41 @@ class Decide(beam.DoFn):
 
     # -- exact duplicates -----------------------------------------------------------------
 
+    def _member(self, cols, i: int) -> dedup_rules.Member:
+        return dedup_rules.Member(cols["asset_id"][i], cols["sha256"][i], cols["pixel_sha256"][i], self._rank(cols, i))
+
+    def _rank(self, cols, i: int) -> tuple[int, int, str]:
+        return dedup_rules.rank_key(cols["area"][i] or 0, cols["license_id"][i], cols["asset_id"][i],
+                                    self.dedup.license_preference)
+
     def _exact(self, cols, survivors: list[int], previous, changes) -> list[int]:
         cfg = self.dedup
         counters = StageCounters("dedup_exact")
         counters.seen.inc(len(survivors))
-        prev_keys = dict(kv for p in previous for kv in _previous_exact_keys(p))
+        prev_keys = dedup_rules.previous_exact_keys(previous)
         groups: dict[str, list[int]] = defaultdict(list)
         for i in survivors:
-            groups[exact_key(cols["sha256"][i], cols["pixel_sha256"][i], cols["asset_id"][i], cfg.pixel_exact)].append(i)
+            groups[dedup_rules.exact_key(cols["sha256"][i], cols["pixel_sha256"][i], cols["asset_id"][i],
+                                         cfg.pixel_exact)].append(i)
         kept = []
         for members in groups.values():
             one = members[0]
-            if len(members) == 1 and not previous_match(cols["sha256"][one], cols["pixel_sha256"][one], prev_keys,
-                                                        cfg.pixel_exact):
+            if len(members) == 1 and not dedup_rules.previous_match(cols["sha256"][one], cols["pixel_sha256"][one],
+                                                                    prev_keys, cfg.pixel_exact):
                 kept.extend(members)
                 continue
             position = {cols["asset_id"][i]: i for i in members}
-            for reason, out in pick_exact([load_record(cols["record"][i]) for i in members], prev_keys, cfg, "dedup_exact"):
-                i = position[out.asset_id]
-                if reason is None:
+            for d in dedup_rules.exact_decisions([self._member(cols, i) for i in members], prev_keys, cfg.pixel_exact):
+                i = position[d.asset_id]
+                if d.dup_of is None:
                     kept.append(i)
-                    if out.cluster_id:
-                        changes[i] = {"status": "kept", "stage": "curated", "cluster_id": out.cluster_id}
+                    if d.cluster_id:
+                        changes[i] = {"status": "kept", "stage": "curated", "cluster_id": d.cluster_id}
                 else:
-                    counters.rejected(reason)
-                    changes[i] = {"status": "rejected", "stage": out.stage, "reason": reason.value,
-                                  "detail": out.detail, "dup_of": out.dup_of, "cluster_id": out.cluster_id}
+                    counters.rejected(RejectReason.EXACT_DUPLICATE)
+                    changes[i] = {"status": "rejected", "stage": "dedup_exact",
+                                  "reason": RejectReason.EXACT_DUPLICATE.value, "detail": d.detail,
+                                  "dup_of": d.dup_of, "cluster_id": d.cluster_id}
         counters.kept.inc(len(kept))
         return sorted(kept)
 
@@ -463,15 +471,13 @@ class Decide(beam.DoFn):
         cfg = self.dedup
         counters = StageCounters("dedup_near")
         counters.seen.inc(len(survivors))
-        prefs = cfg.license_preference
-        rows = [_Row(cols["asset_id"][i], dedup_hash.hex_to_hash(cols["phash"][i]),
-                     rank_key(cols["area"][i] or 0, cols["license_id"][i], cols["asset_id"][i], prefs))
+        rows = [dedup_rules.Row(cols["asset_id"][i], dedup_hash.hex_to_hash(cols["phash"][i]), self._rank(cols, i))
                 for i in survivors]
         position = {cols["asset_id"][i]: i for i in survivors}
-        describe = _describe_near(cfg.hamming_radius)
         rejected = set()
-        for aid, d in _cluster_hashes(rows, previous, cfg.hamming_radius, cfg.bucket_cap, cfg.engine, cfg.threads):
-            i = position[aid]
+        for d in dedup_rules.near_decisions(rows, previous, cfg.hamming_radius, cfg.bucket_cap, cfg.engine,
+                                            cfg.threads):
+            i = position[d.asset_id]
             if d.dup_of is None:
                 if not changes.get(i, {}).get("cluster_id"):
                     changes[i] = {"status": "kept", "stage": "curated", "cluster_id": d.cluster_id}
@@ -479,7 +485,7 @@ class Decide(beam.DoFn):
             counters.rejected(RejectReason.NEAR_DUPLICATE)
             rejected.add(i)
             changes[i] = {"status": "rejected", "stage": "dedup_near", "reason": RejectReason.NEAR_DUPLICATE.value,
-                          "detail": describe(d), "dup_of": d.dup_of, "cluster_id": d.cluster_id}
+                          "detail": d.detail, "dup_of": d.dup_of, "cluster_id": d.cluster_id}
         kept = [i for i in survivors if i not in rejected]
         counters.kept.inc(len(kept))
         return kept

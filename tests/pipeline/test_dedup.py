@@ -1,12 +1,13 @@
-"""Dedup stages under Beam: kept records, reject reasons, dup_of / cluster_id, counters,
-incremental dedup against a previous run, and the semantic stage on synthetic vectors."""
+"""Dedup: the Beam-free rules (pipeline/dedup_rules.py) on real photos and the copies a stock
+delivery makes of them, the per-row hash step, semantic dedup under Beam, and exact and near
+dedup through a real run, against a previous run too."""
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 from pathlib import Path
-from typing import Callable
 
 import apache_beam as beam
 import numpy as np
@@ -19,21 +20,16 @@ from apache_beam.testing.util import assert_that
 from PIL import Image, ImageDraw, ImageFont
 
 from manifests.schema import ManifestEntry
-from pipeline import dedup_hash
-from pipeline.config import DecodeConfig, DedupConfig
+from pipeline import dedup_hash, dedup_rules, ledger
+from pipeline.config import DecodeConfig, DedupConfig, RunConfig, from_dict
 from pipeline.records import Asset, Rejected, RejectReason
+from pipeline.stages.base import REJECTED
 from pipeline.stages.decode import decode_image
-from pipeline.stages.dedup import (
-    Dedup,
-    DedupExact,
-    DedupNearDuplicates,
-    DedupSemantic,
-    load_previous_hashes,
-    representative_rank,
-)
+from pipeline.stages.dedup import DedupSemantic, _HashAsset
 
 ROOT = Path(__file__).resolve().parents[2]
-COCO = sorted((ROOT / "manifests" / "demo" / "images").glob("*.jpg"))
+DEMO = ROOT / "manifests" / "demo"
+COCO = sorted((DEMO / "images").glob("*.jpg"))
 
 
 # --------------------------------------------------------------------------- corpus
@@ -111,50 +107,36 @@ def _bad_asset() -> Asset:
     return make_asset("bad", b"not an image at all", row=99, decodable=False)
 
 
-# --------------------------------------------------------------------------- harness
+def _member(a: Asset, prefs: tuple[str, ...] = ()) -> dedup_rules.Member:
+    return dedup_rules.Member(a.asset_id, a.sha256, a.pixel_sha256, dedup_rules.representative_rank(a, prefs))
 
 
-def _run(build: Callable[[beam.Pipeline], tuple[beam.PCollection, beam.PCollection]], checks) -> dict[str, int]:
-    """Build, attach `assert_that` checks on (kept, rejected), run; return counters by name."""
-    p = TestPipeline()
-    kept, rejected = build(p)
-    check_kept, check_rejected = checks
-    assert_that(kept, check_kept, label="CheckKept")
-    assert_that(rejected, check_rejected, label="CheckRejected")
-    result = p.run()
-    result.wait_until_finish()
-    counters: dict[str, int] = {}
-    for c in result.metrics().query(MetricsFilter())["counters"]:
-        name = f"{c.key.metric.namespace}/{c.key.metric.name}"
-        counters[name] = counters.get(name, 0) + c.committed
-    return counters
+def _exact(assets: list[Asset], cfg: DedupConfig, previous: dict[str, str] | None = None) -> dict[str, dedup_rules.Decision]:
+    """The exact rule over a delivery, as the prepare step applies it: group, then decide."""
+    groups: dict[str, list[Asset]] = {}
+    for a in assets:
+        groups.setdefault(dedup_rules.exact_key(a.sha256, a.pixel_sha256, a.asset_id, cfg.pixel_exact), []).append(a)
+    return {d.asset_id: d for members in groups.values()
+            for d in dedup_rules.exact_decisions([_member(a, cfg.license_preference) for a in members],
+                                                 previous or {}, cfg.pixel_exact)}
 
 
-def _ids(expected: set[str]):
-    def check(actual: list[Asset]) -> None:
-        got = sorted(a.asset_id for a in actual)
-        assert got == sorted(expected), got
-
-    return check
+def _phash(a: Asset) -> int:
+    return dedup_hash.image_hash_from_bytes(a.image)
 
 
-def _rejections(expected: dict[str, tuple[RejectReason, str | None]], detail_has: dict[str, str] | None = None):
-    """asset_id -> (reason, dup_of); every rejection also names its cluster."""
-
-    def check(actual: list[Rejected]) -> None:
-        got = {r.asset_id: (r.reason, r.dup_of) for r in actual}
-        assert got == expected, got
-        for r in actual:
-            if r.reason is not RejectReason.ERROR:
-                assert r.cluster_id and r.dup_of, r
-            for aid, text in (detail_has or {}).items():
-                if r.asset_id == aid:
-                    assert text in r.detail, r.detail
-
-    return check
+def _near(assets: list[Asset], cfg: DedupConfig, previous=()) -> dict[str, dedup_rules.Decision]:
+    rows = [dedup_rules.Row(a.asset_id, _phash(a), dedup_rules.representative_rank(a, cfg.license_preference))
+            for a in assets]
+    return {d.asset_id: d for d in dedup_rules.near_decisions(rows, list(previous), cfg.hamming_radius,
+                                                              cfg.bucket_cap, cfg.engine, cfg.threads)}
 
 
-# --------------------------------------------------------------------------- tests
+def _dups(decisions: dict[str, dedup_rules.Decision]) -> dict[str, str]:
+    return {aid: d.dup_of for aid, d in decisions.items() if d.dup_of is not None}
+
+
+# --------------------------------------------------------------------------- the rules
 
 
 def test_config_is_validated() -> None:
@@ -174,83 +156,44 @@ def test_config_is_validated() -> None:
     with pytest.raises(ValueError):
         DedupConfig(license_preference="CC0-1.0")
     with pytest.raises(TypeError):
-        DedupExact({"exact": True})
+        DedupSemantic({"semantic": True}, None)
     assert DedupConfig(license_preference=["CC0-1.0"]).license_preference == ("CC0-1.0",)
 
 
 def test_representative_rank_rule(corpus) -> None:
     """Larger resolution, then license preference, then smallest asset_id."""
     prefs = ("LicenseRef-vendor-b", "CC-BY-4.0")
+    rank = dedup_rules.representative_rank
     a1, copy = corpus["a1"], corpus["z-copy-a1"]
-    assert min([a1, copy], key=lambda a: representative_rank(a)) is a1  # id breaks the tie
-    assert min([a1, copy], key=lambda a: representative_rank(a, prefs)) is copy  # license first
+    assert min([a1, copy], key=lambda a: rank(a)) is a1  # id breaks the tie
+    assert min([a1, copy], key=lambda a: rank(a, prefs)) is copy  # license first
     small, big = corpus["small-a3"], corpus["a3"]
-    assert min([small, big], key=lambda a: representative_rank(a, prefs)) is big  # resolution first
+    assert min([small, big], key=lambda a: rank(a, prefs)) is big  # resolution first
 
 
-def test_exact_stage(corpus) -> None:
-    assets = list(corpus.values())
-    cfg = DedupConfig()
-    counters = _run(
-        lambda p: p | beam.Create(assets) | DedupExact(cfg),
-        (
-            _ids(set(corpus) - {"z-copy-a1", "png-a2"}),
-            _rejections(
-                {
-                    "z-copy-a1": (RejectReason.EXACT_DUPLICATE, "a1"),
-                    "png-a2": (RejectReason.EXACT_DUPLICATE, "a2"),
-                },
-                {"z-copy-a1": "same source bytes", "png-a2": "same decoded pixels"},
-            ),
-        ),
-    )
-    assert counters["dedup_exact/in"] == len(assets)
-    assert counters["dedup_exact/kept"] == len(assets) - 2
-    assert counters["dedup_exact/rejected/EXACT_DUPLICATE"] == 2
+def test_exact_rule(corpus) -> None:
+    decisions = _exact(list(corpus.values()), DedupConfig())
+    assert _dups(decisions) == {"z-copy-a1": "a1", "png-a2": "a2"}
+    assert "same source bytes" in decisions["z-copy-a1"].detail
+    assert "same decoded pixels" in decisions["png-a2"].detail
+    assert decisions["a1"].cluster_id == "a1" == decisions["z-copy-a1"].cluster_id  # the group is named
+    assert decisions["a3"].cluster_id is None  # a singleton is not a group
 
 
-def test_exact_stage_license_preference_and_no_pixel_pass(corpus) -> None:
+def test_exact_rule_license_preference_and_no_pixel_pass(corpus) -> None:
     """With the vendor license preferred, the copy is kept; without the pixel pass the PNG stays."""
     assets = [corpus["a1"], corpus["z-copy-a1"], corpus["a2"], corpus["png-a2"]]
     cfg = DedupConfig(pixel_exact=False, license_preference=("LicenseRef-vendor-b",))
-    _run(
-        lambda p: p | beam.Create(assets) | DedupExact(cfg),
-        (
-            _ids({"z-copy-a1", "a2", "png-a2"}),
-            _rejections({"a1": (RejectReason.EXACT_DUPLICATE, "z-copy-a1")}),
-        ),
-    )
+    assert _dups(_exact(assets, cfg)) == {"a1": "z-copy-a1"}
 
 
-def test_near_stage_on_real_photos(corpus) -> None:
-    assets = [a for k, a in corpus.items() if k not in ("z-copy-a1", "png-a2")] + [_bad_asset()]
-    cfg = DedupConfig(threads=2)
-
-    def kept_check(actual: list[Asset]) -> None:
-        _ids({"a1", "a2", "a3", "a4", "a5", "a6", "flip-a5"})(actual)
-        by_id = {a.asset_id: a for a in actual}
-        assert all(a.phash and len(a.phash) == 16 for a in actual)
-        assert by_id["a3"].cluster_id == "a3" and by_id["a4"].cluster_id == "a4"
-        assert by_id["a1"].cluster_id is None  # singleton
-
-    counters = _run(
-        lambda p: p | beam.Create(assets) | DedupNearDuplicates(cfg),
-        (
-            kept_check,
-            _rejections(
-                {
-                    "small-a3": (RejectReason.NEAR_DUPLICATE, "a3"),
-                    "wm-a4": (RejectReason.NEAR_DUPLICATE, "a4"),
-                    "bad": (RejectReason.ERROR, None),
-                },
-                {"small-a3": "Hamming distance", "wm-a4": "radius 8"},
-            ),
-        ),
-    )
-    assert counters["dedup_near/in"] == len(assets)
-    assert counters["dedup_near/kept"] == 7
-    assert counters["dedup_near/rejected/NEAR_DUPLICATE"] == 2
-    assert counters["dedup_near/rejected/ERROR"] == 1
+def test_near_rule_on_real_photos(corpus) -> None:
+    assets = [a for k, a in corpus.items() if k not in ("z-copy-a1", "png-a2")]
+    decisions = _near(assets, DedupConfig(threads=2))
+    assert _dups(decisions) == {"small-a3": "a3", "wm-a4": "a4"}  # flip-a5: pHash misses flips (docs/dedup.md)
+    assert decisions["a3"].cluster_id == "a3" and decisions["a4"].cluster_id == "a4"
+    assert "a1" not in decisions  # a singleton gets no decision
+    assert "Hamming distance" in decisions["small-a3"].detail and "radius 8" in decisions["wm-a4"].detail
 
 
 def _write_previous(path: Path, rows: list[dict]) -> None:
@@ -258,58 +201,51 @@ def _write_previous(path: Path, rows: list[dict]) -> None:
     pq.write_table(pa.Table.from_pylist(rows), path / "metadata-000000.parquet")
 
 
-def test_incremental_against_previous_run(tmp_path, corpus) -> None:
+def test_rules_against_a_previous_run(tmp_path, corpus) -> None:
     """A new delivery re-sends a curated asset (same bytes, new id and license) and a
-    recompressed copy of another: both rejected with dup_of = the previous asset."""
+    recompressed copy of another: both are duplicates of the previous asset, which is never
+    judged again."""
     a1, a3 = corpus["a1"], corpus["a3"]
-    phash_a3 = dedup_hash.hash_to_hex(dedup_hash.image_hash_from_bytes(a3.image))
-    _write_previous(
-        tmp_path / "curated",
-        [
-            {"asset_id": "prev-a1", "sha256": a1.sha256, "phash": dedup_hash.hash_to_hex(dedup_hash.image_hash_from_bytes(a1.image))},
-            {"asset_id": "prev-a3", "sha256": "0" * 64, "phash": phash_a3},
-        ],
-    )
-    url = str(tmp_path / "curated" / "metadata-*.parquet")
-    assert [p.asset_id for p in load_previous_hashes(url)] == ["prev-a1", "prev-a3"]
-    delivery = [
-        make_asset("new-1", COCO[11].read_bytes(), license_id="LicenseRef-other", row=0),
-        make_asset("new-3", _small_copy(_photo(3)), row=1),
-        corpus["a6"],
-        corpus["a2"],
-        corpus["png-a2"],
-    ]
-    cfg = DedupConfig(previous_run=url)
-    counters = _run(
-        lambda p: p | beam.Create(delivery) | Dedup(cfg),
-        (
-            _ids({"a6", "a2"}),
-            _rejections(
-                {
-                    "new-1": (RejectReason.EXACT_DUPLICATE, "prev-a1"),
-                    "new-3": (RejectReason.NEAR_DUPLICATE, "prev-a3"),
-                    "png-a2": (RejectReason.EXACT_DUPLICATE, "a2"),
-                },
-                {"new-1": "previous run", "new-3": "previous-run asset"},
-            ),
-        ),
-    )
-    assert counters["dedup_exact/in"] == 5 and counters["dedup_exact/kept"] == 3
-    assert counters["dedup_near/in"] == 3 and counters["dedup_near/kept"] == 2
-    assert counters["dedup_near/rejected/NEAR_DUPLICATE"] == 1
+    _write_previous(tmp_path / "curated", [
+        {"asset_id": "prev-a1", "sha256": a1.sha256, "phash": dedup_hash.hash_to_hex(_phash(a1))},
+        {"asset_id": "prev-a3", "sha256": "0" * 64, "phash": dedup_hash.hash_to_hex(_phash(a3))},
+    ])
+    previous = dedup_rules.load_previous_hashes(str(tmp_path / "curated" / "metadata-*.parquet"))
+    assert [p.asset_id for p in previous] == ["prev-a1", "prev-a3"]
+    new1 = make_asset("new-1", COCO[11].read_bytes(), license_id="LicenseRef-other", row=0)
+    new3 = make_asset("new-3", _small_copy(_photo(3)), row=1)
+    cfg = DedupConfig()
+    exact = _exact([new1, corpus["a6"], corpus["a2"], corpus["png-a2"]], cfg, dedup_rules.previous_exact_keys(previous))
+    assert _dups(exact) == {"new-1": "prev-a1", "png-a2": "a2"}
+    assert "previous run" in exact["new-1"].detail
+    near = _near([new3, corpus["a6"], corpus["a2"]], cfg, previous)
+    assert _dups(near) == {"new-3": "prev-a3"} and "previous-run asset" in near["new-3"].detail
+    assert "prev-a3" not in near
 
 
-def test_full_dedup_accounts_for_every_row(corpus) -> None:
-    """rows in == kept + rejected, each row once; exact runs before near."""
-    assets = list(corpus.values()) + [_bad_asset()]
-    expected_kept = {"a1", "a2", "a3", "a4", "a5", "a6", "flip-a5"}
+# --------------------------------------------------------------------------- the hash step
 
-    def rejected_check(actual: list[Rejected]) -> None:
-        ids = [r.asset_id for r in actual]
-        assert len(ids) == len(set(ids)) == len(assets) - len(expected_kept)
-        assert {r.stage for r in actual} == {"dedup_exact", "dedup_near"}
 
-    _run(lambda p: p | beam.Create(assets) | Dedup(DedupConfig()), (_ids(expected_kept), rejected_check))
+def _hash_step(asset: Asset, cfg: DedupConfig) -> tuple[Asset | None, Rejected | None]:
+    step = _HashAsset("dedup_near", cfg)
+    step.setup()
+    out = list(step.process(asset))[0]
+    return (None, out.value) if isinstance(out, beam.pvalue.TaggedOutput) and out.tag == REJECTED else (out, None)
+
+
+def test_hash_step_trusts_an_upstream_full_frame_phash_and_rejects_what_it_cannot_hash(corpus) -> None:
+    """hash_input="auto": a pHash set upstream (decode, from the full frame) is used as is;
+    "image" recomputes it from the normalised image; an undecodable image is an ERROR row."""
+    a1 = corpus["a1"]
+    upstream = "0123456789abcdef"
+    assert _hash_step(a1.replace(phash=upstream), DedupConfig())[0].phash == upstream
+    recomputed = _hash_step(a1.replace(phash=upstream), DedupConfig(hash_input="image"))[0].phash
+    assert recomputed == dedup_hash.hash_to_hex(_phash(a1)) != upstream
+    kept, rejected = _hash_step(_bad_asset(), DedupConfig())
+    assert kept is None and rejected.reason is RejectReason.ERROR and rejected.stage == "dedup_near"
+
+
+# --------------------------------------------------------------------------- semantic, under Beam
 
 
 def test_semantic_stage_synthetic_embeddings(corpus) -> None:
@@ -326,34 +262,83 @@ def test_semantic_stage_synthetic_embeddings(corpus) -> None:
     assets = [corpus[k] for k in ("a1", "flip-a5", "a2", "a3", "a4")]
     cfg = DedupConfig(semantic=True, semantic_threshold=0.95)
 
-    def build(p):
-        emb = p | "Emb" >> beam.Create(list(e.items()))
-        return p | "Assets" >> beam.Create(assets) | DedupSemantic(cfg, emb)
+    def check_kept(actual: list[Asset]) -> None:
+        assert sorted(a.asset_id for a in actual) == ["a1", "a2", "a3", "a4"]
+        assert {a.asset_id: a.cluster_id for a in actual}["a1"] == "a1"
 
-    counters = _run(
-        build,
-        (
-            _ids({"a1", "a2", "a3", "a4"}),
-            _rejections({"flip-a5": (RejectReason.SEMANTIC_DUPLICATE, "a1")}, {"flip-a5": "cosine similarity 0.99"}),
-        ),
-    )
+    def check_rejected(actual: list[Rejected]) -> None:
+        assert [(r.asset_id, r.reason, r.dup_of, r.cluster_id) for r in actual] == [
+            ("flip-a5", RejectReason.SEMANTIC_DUPLICATE, "a1", "a1")]
+        assert "cosine similarity 0.99" in actual[0].detail
+
+    p = TestPipeline()
+    emb = p | "Emb" >> beam.Create(list(e.items()))
+    kept, rejected = p | "Assets" >> beam.Create(assets) | DedupSemantic(cfg, emb)
+    assert_that(kept, check_kept, label="CheckKept")
+    assert_that(rejected, check_rejected, label="CheckRejected")
+    result = p.run()
+    result.wait_until_finish()
+    counters = {f"{c.key.metric.namespace}/{c.key.metric.name}": c.committed
+                for c in result.metrics().query(MetricsFilter())["counters"]}
     assert counters["dedup_semantic/in"] == 5
     assert counters["dedup_semantic/kept"] == 4
     assert counters["dedup_semantic/rejected/SEMANTIC_DUPLICATE"] == 1
 
 
-def test_near_stage_trusts_an_upstream_full_frame_phash(corpus) -> None:
-    """hash_input="auto": a pHash set upstream (decode, from the full frame) is used as is;
-    hash_input="image" recomputes it from the normalised image."""
-    a1, a2 = corpus["a1"], corpus["a2"]
-    same = dedup_hash.hash_to_hex(dedup_hash.image_hash_from_bytes(a1.image))
-    size = dict(source_width=a1.source_width, source_height=a1.source_height)  # tie: a1 wins on id
-    assets = [a1.replace(phash=same), a2.replace(phash=same, **size)]
-    _run(
-        lambda p: p | beam.Create(assets) | DedupNearDuplicates(DedupConfig()),
-        (_ids({"a1"}), _rejections({"a2": (RejectReason.NEAR_DUPLICATE, "a1")}, {"a2": "distance 0"})),
-    )
-    _run(
-        lambda p: p | beam.Create(assets) | DedupNearDuplicates(DedupConfig(hash_input="image")),
-        (_ids({"a1", "a2"}), _rejections({})),
-    )
+# --------------------------------------------------------------------------- through a real run
+
+
+def _delivery(folder: Path, files: dict[str, bytes]) -> Path:
+    """A manifest of `files` (asset_id -> image bytes), licensed under the demo policy."""
+    (folder / "images").mkdir(parents=True)
+    rows = []
+    for aid, data in files.items():
+        (folder / "images" / f"{aid}.img").write_bytes(data)
+        rows.append({"asset_id": aid, "uri": f"images/{aid}.img", "captions": [f"a photograph, number {aid}"],
+                     "license_id": "CC-BY-2.0", "licensor": "a photographer",
+                     "allowed_uses": ["ml-training"], "sha256": hashlib.sha256(data).hexdigest()})
+    manifest = folder / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return manifest
+
+
+def test_exact_and_near_dedup_in_a_run_and_against_the_previous_run(tmp_path) -> None:
+    """Run 1 curates six photos; run 2 (dedup.previous_run = run 1's store) gets a re-sent copy
+    of one under a new id, a recompressed copy of another, a new photo with its PNG and a
+    watermarked copy, and a mirrored copy of one. The ledger says which were kept and why not."""
+    from pipeline.run import run
+
+    photos = {f"p{k}": COCO[k * 11].read_bytes() for k in range(1, 7)}
+    flags = ["--direct_running_mode=in_memory", "--direct_num_workers=1"]
+
+    def config(manifest: Path, out: Path, **dedup) -> RunConfig:
+        return from_dict(RunConfig, {"manifests": [str(manifest)], "policy": str(DEMO / "policy.yaml"),
+                                     "out": str(out), "align": {"enabled": False}, "dedup": dedup})
+
+    first = tmp_path / "run1"
+    run(config(_delivery(tmp_path / "d1", photos), first), until="curated", beam_flags=flags)
+    assert {r["asset_id"] for r in ledger.read_ledger(str(first)).to_pylist() if r["status"] == "kept"} == set(photos)
+    b7, b8 = _photo(7), _photo(8)
+    second = {
+        "again-p1": photos["p1"],  # the same bytes under a new id
+        "small-p3": _small_copy(_photo(3)),  # recompressed, half size
+        "b7": COCO[77].read_bytes(), "png-b7": _encode(b7, "PNG"),  # the same pixels, other bytes
+        "b8": COCO[88].read_bytes(), "wm-b8": _encode(_watermark(b8), quality=85),
+        "flip-p5": _encode(_photo(5).transpose(Image.FLIP_LEFT_RIGHT), quality=90),  # pHash misses flips
+    }
+    out = tmp_path / "run2"
+    report = run(config(_delivery(tmp_path / "d2", second), out, previous_run=str(first / "curated")),
+                 until="curated", beam_flags=flags)
+    rows = {r["asset_id"]: r for r in ledger.read_ledger(str(out)).to_pylist()}
+    assert {a for a, r in rows.items() if r["status"] == "kept"} == {"b7", "b8", "flip-p5"}
+    assert {a: (r["stage"], r["reason"], r["dup_of"]) for a, r in rows.items() if r["status"] != "kept"} == {
+        "again-p1": ("dedup_exact", "EXACT_DUPLICATE", "p1"),
+        "png-b7": ("dedup_exact", "EXACT_DUPLICATE", "b7"),
+        "small-p3": ("dedup_near", "NEAR_DUPLICATE", "p3"),
+        "wm-b8": ("dedup_near", "NEAR_DUPLICATE", "b8"),
+    }
+    assert "previous run" in rows["again-p1"]["detail"] and "previous-run asset" in rows["small-p3"]["detail"]
+    assert rows["b7"]["cluster_id"] == "b7" and rows["b8"]["cluster_id"] == "b8"
+    counters = report.counters
+    assert counters["dedup_exact/in"] == 7 and counters["dedup_exact/rejected/EXACT_DUPLICATE"] == 2
+    assert counters["dedup_near/in"] == 5 and counters["dedup_near/rejected/NEAR_DUPLICATE"] == 2
