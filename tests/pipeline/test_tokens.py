@@ -154,6 +154,75 @@ def test_run_json_counts_neighbours_and_tokens_as_the_tables_hold_them(tokens_ru
     assert counters["tokens/kept"] == len(_sequences(out)) == sum(r["status"] == "kept" for r in rows)
 
 
+def test_a_run_uses_the_clip_vq_and_bpe_it_is_given(tokens_run, tmp_path):
+    """Bring-your-own models: a CLIP, a VQ tokenizer and a BPE trained here with the project's own
+    training code on other settings than the run's, named by relative paths in a config file
+    beside them. The run trains none of them; its embeddings and codes are those models' outputs
+    (and differ from the run-trained models'), its vocabulary and token shards record their sha256s."""
+    import hashlib as h
+
+    import torch
+    import yaml
+
+    from pipeline.clip import ClipEmbedder, train_clip
+    from pipeline.config import ClipConfig, ClipTrainConfig, load_config
+    from pipeline.retrieval import read_embeddings
+    from tokenizer.shards import iter_code_rows, iter_samples, list_shards
+    from tokenizer.text import captions_from_shards, train_bpe
+    from tokenizer.vq.config import TrainVQConfig, get_config
+    from tokenizer.vq.model import load_vq
+    from tokenizer.vq.train import train_vq
+
+    trained = tokens_run["out"]
+    shards = list_shards(str(trained / "curated"))
+    byo = tmp_path / "byo"
+    threads = torch.get_num_threads()
+    train_clip(ClipConfig(), ClipTrainConfig(max_steps=4, batch_size=8, seed=7, num_threads=1, progress=False),
+               shards, str(byo / "clip"))
+    torch.set_num_threads(threads)
+    train_vq(get_config("cpu-small"), TrainVQConfig(max_steps=3, batch_size=4, seed=7, num_threads=1, eval_every=0,
+                                                    checkpoint_every=0, progress=False, final_eval=False),
+             shards, str(byo / "vq"))
+    train_bpe(captions_from_shards(shards), 700, str(byo / "text-bpe.json"))
+    out = tmp_path / "out"
+    settings = _config(tokens_run["manifest"], out).to_json()
+    settings["align"]["clip"]["weights"] = "clip/clip.safetensors"  # relative: beside the config file
+    settings["vq"]["weights"] = "vq/vq.safetensors"
+    settings["text"]["tokenizer"] = "text-bpe.json"
+    (byo / "run.yaml").write_text(yaml.safe_dump(settings))
+    report = run(load_config(str(byo / "run.yaml")), until="tokens", beam_flags=IN_MEMORY)
+
+    info = {r.name: r.info for r in report.steps}
+    assert info["clip"] == {"weights": str(byo / "clip" / "clip.safetensors"), "trained": False}
+    assert info["vq"] == {"weights": str(byo / "vq" / "vq.safetensors"), "trained": False}
+    assert not (out / "models" / "clip").exists()
+    for ours, theirs in (("vq/vq.safetensors", "vq/vq.safetensors"), ("vq/vq.json", "vq/vq.json"),
+                         ("text-bpe.json", "text-bpe.json")):
+        assert (out / "models" / ours).read_bytes() == (byo / theirs).read_bytes(), ours
+    sha = {name: h.sha256((byo / name).read_bytes()).hexdigest() for name in ("vq/vq.safetensors", "text-bpe.json")}
+    vocab = json.loads((out / "models" / "vocab.json").read_text())
+    assert vocab["text"]["sha256"] == sha["text-bpe.json"]
+    index, _ = load_tokens_index(str(out / "tokens"))
+    assert (index["vq_sha256"], index["bpe_sha256"]) == (sha["vq/vq.safetensors"], sha["text-bpe.json"])
+
+    jpegs = {s.key: s for s in iter_samples(list_shards(str(out / "curated")))}
+    keys = sorted(jpegs)[:4]
+    vq = load_vq(str(byo / "vq" / "vq.safetensors"))
+    codes = {k: c for k, _, c in iter_code_rows(sorted(str(p) for p in (out / "codes").glob("codes-*.parquet")))}
+    expected = vq.encode_codes(np.stack([jpegs[k].array() for k in keys]))
+    assert all(np.array_equal(codes[k], expected[i]) for i, k in enumerate(keys))
+    codes_trained = {k: c for k, _, c in iter_code_rows(sorted(str(p) for p in (trained / "codes").glob("codes-*.parquet")))}
+    assert any(not np.array_equal(codes[k], codes_trained[k]) for k in keys)
+
+    embeddings = read_embeddings(sorted(str(p) for p in (out / "curated").glob("embeddings-*.parquet")))
+    embeddings_trained = read_embeddings(sorted(str(p) for p in (trained / "curated").glob("embeddings-*.parquet")))
+    ours = ClipEmbedder(ClipConfig(weights=str(byo / "clip" / "clip.safetensors"))).embed_images(
+        [jpegs[k].jpeg for k in keys])
+    rows = [list(embeddings.keys).index(k) for k in keys]
+    np.testing.assert_allclose(embeddings.image_emb[rows].astype(np.float32), ours, atol=2e-3)
+    assert not np.allclose(embeddings_trained.image_emb[rows].astype(np.float32), ours, atol=2e-3)
+
+
 def test_sequences_have_the_cm3_layout_and_budget(tokens_run):
     out = tokens_run["out"]
     vocab = JointVocab.load(str(out / "tokens" / "vocab.json"))
