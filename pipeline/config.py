@@ -179,7 +179,7 @@ class DedupConfig:
     hash_kind: str = "phash"
     hash_input: str = "auto"  # auto: an upstream phash, else source bytes, else the normalised image
     bucket_cap: int = 256  # band buckets above this are searched recursively, never pairwise
-    engine: str = "auto"  # near-dup search: auto (compiled kernel when numba imports), compiled, numpy
+    engine: str = "auto"  # near-dup search: auto | compiled, both the numba kernel (the only engine)
     threads: int | None = None  # threads for the compiled kernel; None = every core the worker may use
     semantic: bool = False  # needs CLIP embeddings (align stage)
     semantic_threshold: float = 0.95  # cosine similarity of image embeddings
