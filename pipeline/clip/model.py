@@ -9,13 +9,14 @@ URL, and nothing is downloaded: a licensed-only lineage trains its own CLIP (`tr
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import logging
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import fsspec
 import torch
@@ -94,7 +95,30 @@ def build_model(model_cfg: dict[str, Any], name: str | None = None) -> torch.nn.
     import open_clip
 
     name = register_model_config(model_cfg, name)
-    return open_clip.create_model(name, pretrained=None, pretrained_image=False, pretrained_text=False)
+    with _factory_logging():
+        return open_clip.create_model(name, pretrained=None, pretrained_image=False, pretrained_text=False)
+
+
+class _DropRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded for model")
+
+
+@contextlib.contextmanager
+def _factory_logging() -> Iterator[None]:
+    """open_clip's factory logs with module-level `logging.info/warning`, which configure the
+    root logger (`basicConfig`) in a process that has not, and it warns "Model initialized
+    randomly" for every model built here, although `load_clip` loads the weights next. For
+    the call, a NullHandler keeps the root logger unconfigured and a filter drops that line."""
+    root = logging.getLogger()
+    handler, quiet = logging.NullHandler(), _DropRandomInitWarning()
+    root.addHandler(handler)
+    root.addFilter(quiet)
+    try:
+        yield
+    finally:
+        root.removeFilter(quiet)
+        root.removeHandler(handler)
 
 
 def build_tokenizer(arch: str, model_cfg: dict[str, Any]) -> Callable[..., torch.Tensor]:

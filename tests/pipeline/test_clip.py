@@ -232,6 +232,18 @@ def test_models_come_from_open_clips_registry_and_factory():
     assert build_model(cfg).text_projection.shape[1] == 64
 
 
+def test_building_a_model_leaves_logging_alone(caplog):
+    """open_clip's factory would configure the root logger and warn "initialized randomly"
+    for every model, even one whose weights load_clip loads next."""
+    import logging
+
+    handlers = list(logging.getLogger().handlers)
+    with caplog.at_level(logging.INFO):
+        build_model(BUILTIN_ARCHS["cpu-tiny"], "cpu-tiny")
+    assert not [r for r in caplog.records if "pretrained weights" in r.getMessage()]
+    assert logging.getLogger().handlers == handlers
+
+
 def test_training_loss_is_open_clips_with_the_previous_bits():
     """`contrastive_loss` is open_clip's ClipLoss, and gives the same value and gradients, to
     the bit, as the symmetric cross-entropy this project trained with before: the trained
