@@ -382,6 +382,7 @@ def _train(tokens_dir: str, out: str, cfg: TrainLMConfig, ranks: Ranks, device: 
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{tokens / seconds:,.0f}")
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
             checkpoint()
+        _injected_kill(step)
     bar.close()
     if evaluated_at != step:
         eval_loss = evaluate(model, heldout, cfg, ranks, device, autocast)
@@ -390,6 +391,20 @@ def _train(tokens_dir: str, out: str, cfg: TrainLMConfig, ranks: Ranks, device: 
     if eval_loss is not None:
         log.info("step %d: held-out loss %.4f", step, eval_loss)
     return summarise(history, step, start_step, eval_loss, step_tokens, step_seconds, elapsed, out)
+
+
+KILL_AFTER_STEP_ENV = "CM3CURATE_KILL_AFTER_STEP"  # N: the process dies right after step N (tests, drills)
+
+
+def _injected_kill(step: int) -> None:
+    """Fault injection for tests and drills: with CM3CURATE_KILL_AFTER_STEP=N the process dies
+    with SIGKILL, as on a lost machine, once step N is logged (and checkpointed, if one was due).
+    Unset: nothing happens."""
+    after = os.environ.get(KILL_AFTER_STEP_ENV)
+    if after and step == int(after):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def summarise(history: list[dict[str, Any]], step: int, start_step: int, eval_loss: float | None, tokens: int,

@@ -12,7 +12,6 @@ import runpy
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -89,22 +88,22 @@ def test_a_stopped_run_resumes_to_bit_identical_weights(token_shards, uninterrup
 
 
 def test_a_sigkilled_run_resumes_to_bit_identical_weights(token_shards, uninterrupted, tmp_path):
+    """SIGKILLed after step 7 (CM3CURATE_KILL_AFTER_STEP): the checkpoint holds step 5, steps 6-7
+    are lost and redone; the logged rows of the lost steps are dropped."""
+    from trainer.train import KILL_AFTER_STEP_ENV
+
     reference, _ = uninterrupted
     command = [PYTHON, "-m", "trainer.train", "--tokens", token_shards.dir, "--out", str(tmp_path),
                "--max-steps", "30", "--lr", "3e-3", "--warmup-steps", "5", "--eval-every", "0",
                "--checkpoint-every", "5", "--threads", "1", "--no-progress"]
-    with open(tmp_path / "stderr.txt", "wb") as stderr:
-        process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr)
-        deadline = time.monotonic() + 120
-        while not (tmp_path / CHECKPOINT).exists() and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.005)
-        process.send_signal(signal.SIGKILL)  # right after the first checkpoint, mid-run
-        process.wait()
-    assert process.returncode == -signal.SIGKILL, (tmp_path / "stderr.txt").read_text()[-3000:]
+    process = subprocess.run(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=300,
+                             env={**os.environ, KILL_AFTER_STEP_ENV: "7"})
+    assert process.returncode == -signal.SIGKILL, process.stderr.decode()[-3000:]
     _, meta = read_checkpoint(str(tmp_path / CHECKPOINT))
-    assert 5 <= meta["step"] < 30  # really interrupted, after at least one checkpoint
+    assert meta["step"] == 5
+    assert [r["step"] for r in log_rows(tmp_path)] == list(range(1, 8))  # 6 and 7 were logged, then lost
     resumed = train_lm(token_shards.dir, str(tmp_path), BASE)
-    assert resumed["resumed_from"] == meta["step"]
+    assert resumed["resumed_from"] == 5
     ours, theirs = weights(tmp_path), weights(reference)
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
     assert [r["step"] for r in log_rows(tmp_path)] == list(range(1, 31))  # rows of the lost steps were dropped
