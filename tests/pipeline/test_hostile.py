@@ -7,6 +7,7 @@ import importlib.util
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -125,16 +126,21 @@ def _files(out: Path) -> dict[str, bytes]:
 
 @pytest.mark.slow
 def test_a_second_run_into_the_same_folder_is_refused_and_the_first_is_untouched(tmp_path):
-    manifest = _small_delivery(tmp_path, rows=150)  # enough work that the first run is still going
+    manifest = _small_delivery(tmp_path, rows=150)  # seconds of work: it cannot finish between two polls
     config = _config(tmp_path, [manifest], dedup={"exact": False, "near": False})
     out = tmp_path / "out"
     first = subprocess.Popen([CURATE, "run", "--config", str(config), "--out", str(out), "--until", "curated"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not (out / "_lock.json").exists():
-        assert first.poll() is None and time.monotonic() < deadline, "the first run never took the lock"
-        time.sleep(0.05)
-    second = curate("run", "--config", str(config), "--out", str(out), "--until", "curated")
+    lock = out / "_lock.json"
+    while not (lock.exists() and lock.stat().st_size):  # created, then written: wait for its content
+        assert first.poll() is None, "the first run ended without taking the lock"
+        time.sleep(0.005)
+    os.kill(first.pid, signal.SIGSTOP)  # held while it holds the lock, however fast the machine
+    try:
+        assert json.loads(lock.read_text())["pid"] == first.pid
+        second = curate("run", "--config", str(config), "--out", str(out), "--until", "curated")
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
     _, err = first.communicate(timeout=600)
     assert first.returncode == 0, err[-2000:]
     assert second.returncode == 2
