@@ -6,6 +6,7 @@ is checked at the end of every run; a run that breaks it fails loudly.
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter
 from dataclasses import dataclass
@@ -169,23 +170,76 @@ def rewrite_ledger(out: str, table: pa.Table) -> None:
 
 
 def update_statuses(out: str, stage: str, reject: dict[str, tuple[str, str]] | None = None,
-                   restore: bool = False) -> int:
-    """Rejections a later step makes, by asset key: `reject` maps key -> (reason, detail) for
-    kept rows. `restore` first turns this stage's earlier rejections back into kept rows (a
-    rerun with another config decides afresh). Rewrites the ledger only when something changed."""
+                   restore: bool = False, notes: dict[str, str] | None = None) -> int:
+    """Changes a later step makes, by asset key: `reject` maps key -> (reason, detail) for
+    kept rows; `notes` maps key -> a note on a kept row that stays kept (its `detail`, as
+    "<stage>: note"). `restore` first undoes this stage's earlier changes: its rejections
+    become kept rows again and its notes are cleared (a rerun with another config decides
+    afresh). Rewrites the ledger only when something changed."""
     rows = read_ledger(out).to_pylist()
     changed = 0
     for row in rows:
         if restore and row["status"] == "rejected" and row["stage"] == stage:
             row.update(status="kept", stage="curated", reason=None, detail=None)
             changed += 1
+        if restore and row["status"] == "kept" and (row["detail"] or "").startswith(f"{stage}: "):
+            row.update(detail=None)
+            changed += 1
         if reject and row["status"] == "kept" and row["key"] in reject:
             reason, detail = reject[row["key"]]
             row.update(status="rejected", stage=stage, reason=reason, detail=detail[:2000])
             changed += 1
+        elif notes and row["status"] == "kept" and row["key"] in notes:
+            row.update(detail=f"{stage}: {notes[row['key']]}"[:2000])
+            changed += 1
     if changed:
         rewrite_ledger(out, pa.Table.from_pylist(rows, schema=LEDGER_SCHEMA))
     return changed
+
+
+# Steps after curation (encode, neighbours, tokens) find rejections (or notes) on workers and
+# hand them to the driver in one JSONL work file, which `apply_changes` applies to the ledger.
+
+
+def write_changes(url: str, changes: Iterable[dict[str, str]]) -> str:
+    """Write {key, reason, detail} rows, sorted by key, to `url` (JSONL); no rows, no file."""
+    changes = list(changes)
+    if not changes:
+        return url
+    lines = "".join(json.dumps({"key": c["key"], "reason": c["reason"], "detail": c["detail"]}, sort_keys=True)
+                    + "\n" for c in sorted(changes, key=lambda c: c["key"]))
+    storage.write_bytes(url, lines.encode("utf-8"))
+    return url
+
+
+class WriteChanges(beam.PTransform):
+    """A PCollection of {key, reason, detail} -> one JSONL work file (`write_changes`)."""
+
+    def __init__(self, url: str, label: str | None = None):
+        super().__init__(label)
+        self.url = url
+
+    def expand(self, changes: beam.PCollection):
+        url = self.url
+        return changes | "Collect" >> beam.combiners.ToList() | "Write" >> beam.Map(lambda rows: write_changes(url, rows))
+
+
+def apply_changes(out: str, stage: str, url: str, as_notes: bool = False) -> dict[str, tuple[str, str]]:
+    """Apply a step's work file to the ledger (rejections, or notes on rows that stay kept),
+    remove the file, and return key -> (reason, detail)."""
+    changes: dict[str, tuple[str, str]] = {}
+    if storage.exists(url):
+        with fsspec.open(url, "rt", encoding="utf-8") as handle:
+            for line in handle:
+                if line.strip():
+                    row = json.loads(line)
+                    changes[row["key"]] = (row["reason"], row["detail"])
+    if changes and as_notes:
+        update_statuses(out, stage, notes={k: f"{r}: {d}" for k, (r, d) in changes.items()})
+    elif changes:
+        update_statuses(out, stage, reject=changes)
+    storage.remove_tree(url)
+    return changes
 
 
 @dataclass(frozen=True)

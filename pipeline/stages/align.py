@@ -10,7 +10,7 @@ the curated images as float16 Parquet (layout in docs/alignment.md).
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterable
+from typing import Any, Iterable, NamedTuple
 
 import apache_beam as beam
 import numpy as np
@@ -22,14 +22,14 @@ from pipeline import storage
 from pipeline.config import AlignConfig, ClipConfig
 from pipeline.clip import ClipEmbedder, caption_scores, document_embedding, reduce_scores, text_embedding
 from pipeline.records import Asset, RejectReason
-from pipeline.stages.base import REJECTED, Reject, StageCounters, StageDoFn
+from pipeline.stages.base import REJECTED, Reject, Stage, StageCounters, StageDoFn, StageOutputs
 from pipeline.stages.store import WriteKeyedParquet
 
 log = logging.getLogger(__name__)
 
 EMBEDDINGS = "embeddings"
-SCORE_STAGE = "clip"
-FILTER_STAGE = "align"
+SCORE_STAGE = Stage.CLIP
+FILTER_STAGE = Stage.ALIGN
 
 
 class _SharedEmbedder:
@@ -104,9 +104,17 @@ class _ScoreBatch(beam.DoFn):
             })
 
 
+class Scored(NamedTuple):
+    """What `ScoreAlignment` returns: the stage outputs plus the embedding rows."""
+
+    kept: Any
+    rejected: Any
+    embeddings: Any
+
+
 class ScoreAlignment(beam.PTransform):
-    """Assets → `kept` (clip_score set), `embeddings` (dict rows, float16) and `rejected`
-    (ERROR only: scoring never judges, `FilterAlignment` does)."""
+    """Assets → `Scored`: `kept` (clip_score set), `rejected` (ERROR only: scoring never
+    judges, `FilterAlignment` does) and `embeddings` (dict rows, float16)."""
 
     def __init__(self, cfg: AlignConfig, label: str | None = None):
         super().__init__(label)
@@ -114,11 +122,12 @@ class ScoreAlignment(beam.PTransform):
 
     def expand(self, assets: beam.PCollection):
         bs = self.cfg.clip.batch_size
-        return (
+        out = (
             assets
             | "Batch" >> beam.BatchElements(min_batch_size=bs, max_batch_size=bs)
             | "Embed" >> beam.ParDo(_ScoreBatch(self.cfg)).with_outputs(REJECTED, EMBEDDINGS, main="kept")
         )
+        return Scored(out.kept, out[REJECTED], out[EMBEDDINGS])
 
 
 class _FilterDoFn(StageDoFn):
@@ -163,15 +172,17 @@ class FilterAlignment(beam.PTransform):
     def expand(self, assets: beam.PCollection):
         dofn = _FilterDoFn(self.cfg)
         if self.cfg.mode != "top_fraction":
-            return assets | "Filter" >> beam.ParDo(dofn).with_outputs(REJECTED, main="kept")
+            out = assets | "Filter" >> beam.ParDo(dofn).with_outputs(REJECTED, main="kept")
+            return StageOutputs(out.kept, out[REJECTED])
         cutoff = (
             assets
             | "Scores" >> beam.FlatMap(lambda a: [a.clip_score] if a.clip_score is not None else [])
             | "Quantiles" >> ApproximateQuantiles.Globally(self.cfg.quantile_resolution + 1)
             | "Cutoff" >> beam.Map(_cutoff_from_quantiles, self.cfg)
         )
-        return assets | "Filter" >> beam.ParDo(dofn, cutoff=beam.pvalue.AsSingleton(cutoff)).with_outputs(
+        out = assets | "Filter" >> beam.ParDo(dofn, cutoff=beam.pvalue.AsSingleton(cutoff)).with_outputs(
             REJECTED, main="kept")
+        return StageOutputs(out.kept, out[REJECTED])
 
 
 # ------------------------------------------------------------------------- embeddings store

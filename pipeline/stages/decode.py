@@ -20,7 +20,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from pipeline import dedup_hash
 from pipeline.config import DecodeConfig
 from pipeline.records import Asset, RejectReason
-from pipeline.stages.base import Reject, StageDoFn
+from pipeline.stages.base import Reject, Stage, StageDoFn
 from pipeline.stages.licenses import UnreadableMetadata, find_tdm_opt_out
 
 _XMP_INFO_KEYS = ("xmp", "XML:com.adobe.xmp", "XMP")
@@ -203,7 +203,7 @@ def decode_image(data: bytes, cfg: DecodeConfig, hash_kind: str | None = None) -
 class DecodeImages(StageDoFn):
     """Decode, filter by size/aspect, reject TDM opt-outs, normalise; drops the source bytes."""
 
-    stage = "decode"
+    stage = Stage.DECODE
 
     def __init__(self, cfg: DecodeConfig, hash_kind: str | None = "phash"):
         super().__init__()

@@ -1,5 +1,5 @@
 """Dedup steps under Beam: the perceptual hash of each asset (a per-row step of the prepare
-step) and semantic dedup over CLIP embeddings (a composite of the align step).
+step, `HashImage`) and semantic dedup over CLIP embeddings (a composite of the align step).
 
 The decisions themselves (which asset of a group is kept, and why the others are not) are
 Beam-free, in pipeline/dedup_rules.py; exact and near dedup are applied to the whole
@@ -16,48 +16,33 @@ import apache_beam as beam
 from pipeline import dedup_hash, dedup_rules
 from pipeline.config import DedupConfig
 from pipeline.records import Asset, RejectReason
-from pipeline.stages.base import REJECTED, StageCounters
+from pipeline.stages.base import REJECTED, Stage, StageCounters, StageDoFn, StageOutputs
 
 log = logging.getLogger(__name__)
 
 
-class _HashAsset(beam.DoFn):
-    """Perceptual hash per asset; an undecodable image is a ledger ERROR row, not a crash.
+class HashImage(StageDoFn):
+    """Perceptual hash per asset (a step of the prepare step's chunks, before the near rule);
+    an image that cannot be hashed is a ledger ERROR row at stage `dedup_near`.
 
     With hash_input="auto" a pHash already on the asset is trusted: decode can hash the
     full frame before it drops the source bytes, which keeps aspect-changing resizes
-    within the radius (the 256 px centre crop does not)."""
+    within the radius (the 256 px centre crop does not). Only rejections are counted here:
+    `dedup_near/in` and `kept` are counted where the near rule decides (prepare.Decide)."""
 
-    def __init__(self, stage: str, config: DedupConfig, count_in: bool = True):
+    stage = Stage.DEDUP_NEAR
+    counts_rows = False
+
+    def __init__(self, config: DedupConfig):
         super().__init__()
-        self.stage = stage
         self.config = config
-        self.count_in = count_in  # False: the caller counts `in` where it decides (prepare.Decide)
-        self._counters: StageCounters | None = None
 
-    def setup(self) -> None:
-        self._counters = StageCounters(self.stage)
-
-    def process(self, asset: Asset) -> Iterable:
-        if self.count_in:
-            self._counters.seen.inc()
+    def handle(self, asset: Asset) -> Asset:
         cfg = self.config
         if cfg.hash_input == "auto" and cfg.hash_kind == "phash" and asset.phash:
-            # computed upstream from the full frame (the best input; see docs/dedup.md)
-            yield asset
-            return
-        try:
-            data = _hash_input(asset, cfg.hash_input)
-            value = dedup_hash.image_hash_from_bytes(data, cfg.hash_kind)
-        except Exception as exc:  # noqa: BLE001 - the stage contract: errors become ledger rows
-            if not self.count_in:
-                self._counters.seen.inc()
-            self._counters.rejected(RejectReason.ERROR)
-            yield beam.pvalue.TaggedOutput(
-                REJECTED, asset.reject(self.stage, RejectReason.ERROR, f"{type(exc).__name__}: {exc}"[:2000])
-            )
-            return
-        yield asset.replace(phash=dedup_hash.hash_to_hex(value))
+            return asset  # computed upstream from the full frame (the best input; see docs/dedup.md)
+        value = dedup_hash.image_hash_from_bytes(_hash_input(asset, cfg.hash_input), cfg.hash_kind)
+        return asset.replace(phash=dedup_hash.hash_to_hex(value))
 
 
 def _hash_input(asset: Asset, which: str) -> bytes:
@@ -77,7 +62,7 @@ def _hash_input(asset: Asset, which: str) -> bytes:
 class _ApplySemantic(beam.DoFn):
     """Join point: representatives (and singletons) continue, the rest become ledger rows."""
 
-    def __init__(self, stage: str):
+    def __init__(self, stage: Stage):
         super().__init__()
         self.stage = stage
         self._counters: StageCounters | None = None
@@ -109,7 +94,7 @@ class DedupSemantic(beam.PTransform):
     `(kept, rejected)`.
     """
 
-    def __init__(self, config: DedupConfig, embeddings: beam.PCollection, stage: str = "dedup_semantic"):
+    def __init__(self, config: DedupConfig, embeddings: beam.PCollection, stage: Stage = Stage.DEDUP_SEMANTIC):
         super().__init__()
         if not isinstance(config, DedupConfig):
             raise TypeError("DedupSemantic needs a DedupConfig")
@@ -137,4 +122,4 @@ class DedupSemantic(beam.PTransform):
                      | "KeyDecisions" >> beam.Map(lambda d: (d.asset_id, d)))
         joined = {"asset": keyed, "decision": decisions} | "Join" >> beam.CoGroupByKey()
         out = joined | "Apply" >> beam.ParDo(_ApplySemantic(self.stage)).with_outputs(REJECTED, main="kept")
-        return out.kept, out[REJECTED]
+        return StageOutputs(out.kept, out[REJECTED])

@@ -10,7 +10,6 @@ sorted by key and assigned by a stable hash of the key, so reruns are byte-ident
 from __future__ import annotations
 
 import io
-import json
 import logging
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Sequence
@@ -21,14 +20,14 @@ import numpy as np
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.utils.shared import Shared
 
-from pipeline import storage
+from pipeline import ledger, storage
 from pipeline.progress import Progress, counted
 from pipeline.records import Rejected, RejectReason
-from pipeline.stages.base import REJECTED, StageCounters
+from pipeline.stages.base import REJECTED, Stage, StageCounters
 
 log = logging.getLogger(__name__)
 
-STAGE = "encode"
+STAGE = Stage.ENCODE
 
 
 @dataclass(frozen=True)
@@ -197,15 +196,6 @@ def _write_codes_shard(item: tuple[int, Iterable[dict[str, Any]]], out_dir: str)
     return url
 
 
-def _write_rejections(item: tuple[None, Iterable[Rejected]], url: str) -> str:
-    _, rejected = item
-    rows = sorted(rejected, key=lambda r: r.asset_id or "")
-    lines = "".join(json.dumps({"key": r.asset_id, "stage": r.stage, "reason": r.reason.value, "detail": r.detail})
-                    + "\n" for r in rows)
-    storage.write_bytes(url, lines.encode("utf-8"))
-    return url
-
-
 def encode_curated_store(curated_dir: str, model_path: str, out_dir: str, pipeline_options: PipelineOptions | None = None,
                          batch_size: int = 32, device: str = "cpu", num_shards: int | None = None,
                          progress: Progress | None = None, rejected_url: str | None = None) -> dict[str, Any]:
@@ -253,9 +243,6 @@ def _encode_graph(p: beam.Pipeline, cfg: EncodeConfig, shards: list[str], n_out:
         | "GroupShard" >> beam.GroupByKey()
         | "WriteShard" >> beam.Map(_write_codes_shard, out_dir)
     )
-    (
-        rejected
-        | "KeyRejected" >> beam.Map(lambda r: (None, r))
-        | "GroupRejected" >> beam.GroupByKey()
-        | "WriteRejected" >> beam.Map(_write_rejections, rejected_url)
-    )
+    _ = (rejected
+         | "RejectedRows" >> beam.Map(lambda r: {"key": r.asset_id, "reason": r.reason.value, "detail": r.detail})
+         | "WriteRejected" >> ledger.WriteChanges(rejected_url))

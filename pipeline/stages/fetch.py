@@ -43,7 +43,7 @@ import fsspec
 
 from pipeline.config import FetchConfig, missing_backend
 from pipeline.records import Asset, RejectReason
-from pipeline.stages.base import Reject, StageDoFn
+from pipeline.stages.base import Reject, Stage, StageDoFn
 from pipeline.storage import RedactingFilter, redact_text, redact_url
 
 log = logging.getLogger(__name__)
@@ -374,7 +374,7 @@ class FetchImages(StageDoFn):
     outcome, its counters included: `fetch/retries/<kind>` counts every retry.
     """
 
-    stage = "fetch"
+    stage = Stage.FETCH
 
     def __init__(self, cfg: FetchConfig):
         super().__init__()

@@ -19,6 +19,8 @@ from apache_beam.utils import shared
 
 from pipeline.config import ClipConfig
 from pipeline.clip import ClipEmbedder, document_embedding, normalise
+from pipeline.records import RejectReason
+from pipeline.stages.base import Stage
 from pipeline.stages.store import WriteKeyedParquet
 from pipeline.retrieval import (
     LoadedIndex,
@@ -31,7 +33,7 @@ from pipeline.retrieval import (
 
 log = logging.getLogger(__name__)
 
-STAGE = "neighbours"
+STAGE = Stage.NEIGHBOURS
 
 
 @dataclass(frozen=True)
@@ -94,7 +96,15 @@ def query_vectors(rows: list[dict[str, Any]], rules: NeighbourConfig, embedder: 
     return np.stack(out).astype(np.float32)
 
 
+ERRORS = "errors"  # tagged output of ComputeNeighbours: {key, reason, detail} for the ledger
+
+
 class _NeighboursBatch(beam.DoFn):
+    """A batch of documents -> their neighbour rows. A batch that fails is retried one
+    document at a time; a document that fails alone keeps an empty neighbour list (it still
+    trains, as a document without retrieved context) and its error goes to the ERRORS output,
+    which the index step writes into the ledger (a note on the kept row)."""
+
     def __init__(self, cfg: NeighboursConfig):
         super().__init__()
         self.cfg = cfg
@@ -106,16 +116,27 @@ class _NeighboursBatch(beam.DoFn):
         self.short = Metrics.counter(STAGE, "fewer_than_k")
         self.errors = Metrics.counter(STAGE, "error")
 
-    def process(self, rows: list[dict[str, Any]]) -> Iterable[dict[str, Any]]:
+    def _select(self, rows: list[dict[str, Any]]) -> list[list[tuple[str, float]]]:
+        queries = query_vectors(rows, self.cfg.rules, self.loaded.embedder)
+        return select_neighbours(self.loaded.index, queries, [r["key"] for r in rows],
+                                 [r.get("cluster_id") for r in rows], self.cfg.rules)
+
+    def process(self, rows: list[dict[str, Any]]) -> Iterable[Any]:
         self.seen.inc(len(rows))
         try:
-            queries = query_vectors(rows, self.cfg.rules, self.loaded.embedder)
-            picked = select_neighbours(self.loaded.index, queries, [r["key"] for r in rows],
-                                       [r.get("cluster_id") for r in rows], self.cfg.rules)
-        except Exception as exc:  # noqa: BLE001 - a document without neighbours still trains
-            log.warning("%s: batch of %d failed: %s", STAGE, len(rows), exc)
-            self.errors.inc(len(rows))
-            picked = [[] for _ in rows]
+            picked = self._select(rows)
+        except Exception as exc:  # noqa: BLE001 - retried one document at a time below
+            log.warning("%s: batch of %d failed (%s); retrying one document at a time", STAGE, len(rows), exc)
+            picked = []
+            for row in rows:
+                try:
+                    picked.extend(self._select([row]))
+                except Exception as one:  # noqa: BLE001 - a document without neighbours still trains
+                    self.errors.inc()
+                    picked.append([])
+                    yield beam.pvalue.TaggedOutput(ERRORS, {
+                        "key": row["key"], "reason": RejectReason.ERROR.value,
+                        "detail": f"no retrieved neighbours: {type(one).__name__}: {one}"[:1000]})
         for row, neighbours in zip(rows, picked):
             if len(neighbours) < self.cfg.rules.k:
                 self.short.inc()
@@ -124,7 +145,8 @@ class _NeighboursBatch(beam.DoFn):
 
 
 class ComputeNeighbours(beam.PTransform):
-    """Embedding rows (as in `embeddings-*.parquet`) → `{key, neighbour_keys, scores}`."""
+    """Embedding rows (as in `embeddings-*.parquet`) → (`{key, neighbour_keys, scores}` rows,
+    `{key, reason, detail}` errors for the ledger)."""
 
     def __init__(self, cfg: NeighboursConfig, label: str | None = None):
         super().__init__(label)
@@ -132,11 +154,12 @@ class ComputeNeighbours(beam.PTransform):
 
     def expand(self, rows: beam.PCollection):
         bs = self.cfg.batch_size
-        return (
+        out = (
             rows
             | "Batch" >> beam.BatchElements(min_batch_size=bs, max_batch_size=bs)
-            | "Select" >> beam.ParDo(_NeighboursBatch(self.cfg))
+            | "Select" >> beam.ParDo(_NeighboursBatch(self.cfg)).with_outputs(ERRORS, main="neighbours")
         )
+        return out.neighbours, out[ERRORS]
 
 
 class ReadEmbeddingRows(beam.PTransform):

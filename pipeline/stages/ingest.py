@@ -14,15 +14,13 @@ import logging
 import unicodedata
 from typing import Iterable, Iterator, NamedTuple
 
-import apache_beam as beam
 import fsspec
-from apache_beam.metrics import Metrics
 from fsspec.utils import infer_compression
 
 from manifests.schema import RowError, parse_entry
 from pipeline.config import ValidateConfig
 from pipeline.records import Asset, Rejected, RejectReason, SourceRow
-from pipeline.stages.base import REJECTED, StageCounters
+from pipeline.stages.base import Reject, Stage, StageCounters, StageDoFn
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +181,7 @@ def read_chunks(item: tuple[int, str], chunk_rows: int) -> Iterator[Chunk]:
     if manifest_format(url) == "jsonl" and infer_compression(url) is None:
         yield from _jsonl_spans(manifest_index, url, chunk_rows)
         return
-    counter = Metrics.counter("ingest", "in")
+    counter = StageCounters(Stage.INGEST).seen
     rows: list[SourceRow] = []
     index = 0
     for row in read_manifest(url):
@@ -198,7 +196,7 @@ def read_chunks(item: tuple[int, str], chunk_rows: int) -> Iterator[Chunk]:
 
 def _jsonl_spans(manifest_index: int, url: str, chunk_rows: int) -> Iterator[Chunk]:
     """Byte ranges of `chunk_rows` rows each; rows are counted as `ingest._read_jsonl` counts them."""
-    counter = Metrics.counter("ingest", "in")
+    counter = StageCounters(Stage.INGEST).seen
     index = rows = before = start = offset = 0
     with fsspec.open(url, "rb") as handle:
         for line in handle:
@@ -239,39 +237,27 @@ def clean_captions(captions: Iterable[str], cfg: ValidateConfig) -> tuple[tuple[
     return (), failure or (RejectReason.CAPTION_EMPTY, "no captions")
 
 
-class _ValidateRow(beam.DoFn):
-    stage = "validate"
+class ValidateRows(StageDoFn):
+    """A manifest row (`SourceRow`) -> an `Asset` with cleaned captions, or its rejection."""
+
+    stage = Stage.VALIDATE
 
     def __init__(self, cfg: ValidateConfig):
         super().__init__()
         self.cfg = cfg
-        self._counters: StageCounters | None = None
 
-    def setup(self) -> None:
-        self._counters = StageCounters(self.stage)
+    def rejection(self, row: SourceRow, reason: RejectReason, detail: str, asset_id: str | None = None,
+                  entry=None) -> Rejected:
+        return Rejected(asset_id, self.stage, reason, detail, row.manifest_uri, row.manifest_row, entry=entry)
 
-    def _reject(self, row: SourceRow, reason: RejectReason, detail: str, asset_id: str | None = None, entry=None):
-        self._counters.rejected(reason)
-        return beam.pvalue.TaggedOutput(
-            REJECTED, Rejected(asset_id, self.stage, reason, detail, row.manifest_uri, row.manifest_row, entry=entry)
-        )
-
-    def process(self, row: SourceRow):
-        self._counters.seen.inc()
+    def handle(self, row: SourceRow) -> Asset:
         if row.parse_error is not None:
-            yield self._reject(row, RejectReason.MALFORMED_ROW, row.parse_error)
-            return
+            raise Reject(RejectReason.MALFORMED_ROW, row.parse_error)
         try:
             entry = parse_entry(row.raw)
         except RowError as err:
-            yield self._reject(row, RejectReason[err.reason], err.detail, err.asset_id)
-            return
-        except Exception as exc:  # noqa: BLE001 - contract: unexpected errors become ledger rows
-            yield self._reject(row, RejectReason.ERROR, f"{type(exc).__name__}: {exc}")
-            return
+            raise Reject(RejectReason[err.reason], err.detail, asset_id=err.asset_id) from None
         captions, failure = clean_captions(entry.captions, self.cfg)
         if failure is not None:
-            yield self._reject(row, failure[0], failure[1], entry.asset_id, entry)
-            return
-        self._counters.kept.inc()
-        yield Asset(entry=entry, manifest_uri=row.manifest_uri, manifest_row=row.manifest_row, captions=captions)
+            raise Reject(failure[0], failure[1], asset_id=entry.asset_id, entry=entry)
+        return Asset(entry=entry, manifest_uri=row.manifest_uri, manifest_row=row.manifest_row, captions=captions)

@@ -12,7 +12,7 @@ import re
 
 from manifests.policy import LicensePolicy
 from pipeline.records import Asset, RejectReason
-from pipeline.stages.base import Reject, StageDoFn
+from pipeline.stages.base import Reject, Stage, StageDoFn
 
 # IPTC Photo Metadata 2023.1 "Data Mining" (PLUS vocabulary). Every PROHIBITED variant,
 # including "see constraint" and "except search engine indexing", forbids AI training.
@@ -100,7 +100,7 @@ def find_tdm_opt_out(data: bytes, extra_metadata: tuple[bytes, ...] = ()) -> str
 class VerifyLicenses(StageDoFn):
     """Apply the license policy to manifest fields (no I/O)."""
 
-    stage = "license"
+    stage = Stage.LICENSE
 
     def __init__(self, policy: LicensePolicy):
         super().__init__()

@@ -50,11 +50,11 @@ from pipeline import dedup_hash, dedup_rules, ledger, storage
 from pipeline.progress import Progress
 from pipeline.config import DecodeConfig, DedupConfig, FetchConfig, ValidateConfig
 from pipeline.records import Asset, RejectReason, SourceRow
-from pipeline.stages.base import StageCounters
+from pipeline.stages.base import Stage, StageCounters, StageDoFn
 from pipeline.stages.decode import DecodeImages
-from pipeline.stages.dedup import _HashAsset
+from pipeline.stages.dedup import HashImage
 from pipeline.stages.fetch import Fetched, FetchImages
-from pipeline.stages.ingest import Chunk, _ValidateRow
+from pipeline.stages.ingest import Chunk, ValidateRows
 from pipeline.stages.licenses import VerifyLicenses
 from pipeline.stages.store import decode_record, encode_record, shard_count, write_shard
 
@@ -86,20 +86,21 @@ def load_record(ref: str) -> Asset:
     return decode_record(storage.read_span(ref))
 
 
-def _outcome(outputs: Iterable[Any]) -> tuple[Asset | None, Any]:
-    """A stage DoFn's single output: (asset, None) if kept, (None, Rejected) if not."""
-    for out in outputs:
-        if isinstance(out, beam.pvalue.TaggedOutput):
-            return None, out.value
-        return out, None
-    raise RuntimeError("a stage produced no output")
+def after_fetch_steps(decode: DecodeConfig, dedup: DedupConfig) -> list[StageDoFn]:
+    """The steps after fetch, in order: decode, and the perceptual hash when near dedup is on.
+    The hash of the source bytes (hash_input=source) is taken before decode drops them;
+    otherwise after it (with auto, decode hashes the full frame and the hash step keeps it)."""
+    decode_step = DecodeImages(decode, dedup.hash_kind if dedup.near else None)
+    if not dedup.near:
+        return [decode_step]
+    hash_step = HashImage(dedup)
+    return [hash_step, decode_step] if dedup.hash_input == "source" else [decode_step, hash_step]
 
 
 class ProcessChunk(beam.DoFn):
     """Validate, license, fetch, decode and stage one chunk; write its slice; emit a summary.
 
-    Runs the same stage DoFns as a per-row graph (their counters included), one row at a
-    time, except fetch: up to `fetch.concurrency` objects are fetched at once by a thread
+    Runs the per-row steps (`apply`, counters included), one row at a time, except fetch: up to `fetch.concurrency` objects are fetched at once by a thread
     pool while this thread decodes the rows before them, so network waits overlap with
     decode. Rows are finished in manifest order, so the staging file, the slice and every
     output are byte-identical to a sequential run. A new fetch starts only while the bytes
@@ -114,26 +115,22 @@ class ProcessChunk(beam.DoFn):
         self.validate_cfg, self.policy, self.fetch_cfg, self.decode_cfg, self.dedup_cfg = validate, policy, fetch, decode, dedup
         self.work_dir = work_dir
         self.progress = progress
-        self._validate = None
-        self._license = None
+        self._validate: ValidateRows | None = None
+        self._license: VerifyLicenses | None = None
         self._fetch: FetchImages | None = None
-        self._after_fetch: list[beam.DoFn] = []
+        self._after_fetch: list[StageDoFn] = []
         self._pool: ThreadPoolExecutor | None = None
         self._ticker = None
-        self._crashed = Metrics.counter("decode", f"rejected/{RejectReason.WORKER_CRASHED.value}")
+        self._decode_counters: StageCounters | None = None
 
     def setup(self) -> None:
-        dedup = self.dedup_cfg
-        self._validate = _ValidateRow(self.validate_cfg)
+        self._validate = ValidateRows(self.validate_cfg)
         self._license = VerifyLicenses(self.policy)
         self._fetch = FetchImages(self.fetch_cfg)
-        after: list[beam.DoFn] = [DecodeImages(self.decode_cfg, dedup.hash_kind if dedup.near else None)]
-        if dedup.near:
-            # a hash of the source bytes must be taken before decode drops them
-            after.insert(0 if dedup.hash_input == "source" else 1, _HashAsset("dedup_near", dedup, count_in=False))
-        self._after_fetch = after
-        for dofn in (self._validate, self._license, self._fetch, *after):
-            dofn.setup()
+        self._after_fetch = after_fetch_steps(self.decode_cfg, self.dedup_cfg)
+        self._decode_counters = StageCounters(Stage.DECODE)
+        for step in (self._validate, self._license, self._fetch, *self._after_fetch):
+            step.setup()
         self._pool = ThreadPoolExecutor(max_workers=self.fetch_cfg.concurrency, thread_name_prefix="fetch")
         self._ticker = self.progress.ticker() if self.progress else None
 
@@ -182,10 +179,10 @@ class ProcessChunk(beam.DoFn):
                 if source is None:
                     exhausted = True
                     break
-                asset, rejected = _outcome(self._validate.process(source))
+                asset, rejected = self._validate.apply(source)
                 validated = asset is not None
                 if asset is not None:
-                    asset, rejected = _outcome(self._license.process(asset))
+                    asset, rejected = self._license.apply(asset)
                 future = None
                 if asset is not None:
                     future = self._pool.submit(held.fetch, self._fetch, asset)
@@ -198,30 +195,30 @@ class ProcessChunk(beam.DoFn):
                 fetching -= 1
                 fetched = future.result()
                 held.release(fetched.size)
-                asset, rejected = _outcome(self._fetch.run(asset, lambda a, f=fetched: self._fetch.finish(a, f)))
+                asset, rejected = self._fetch.apply(asset, lambda a, f=fetched: self._fetch.finish(a, f))
                 del fetched
             if isolate and asset is not None:
                 died = _probe(lambda a=asset: self._after(a))
                 if died:
-                    self._crashed.inc()
-                    asset, rejected = None, asset.reject("decode", RejectReason.WORKER_CRASHED, died)
+                    self._decode_counters.rejected(RejectReason.WORKER_CRASHED)
+                    asset, rejected = None, asset.reject(Stage.DECODE, RejectReason.WORKER_CRASHED, died)
             yield self._finish(asset, rejected, validated, staging)
 
     def _after(self, asset: Asset) -> None:
         """The stages after fetch (decode, hashes), where native code can kill a process."""
         _injected_crash(asset)
-        for stage in self._after_fetch:
+        for step in self._after_fetch:
             if asset is None:
                 return
-            asset, _ = _outcome(stage.process(asset))
+            asset, _ = step.apply(asset)
 
     def _finish(self, asset: Asset | None, rejected: Any, validated: bool, staging: storage.SpanWriter) -> dict[str, Any]:
         if asset is not None:
             _injected_crash(asset)
-        for stage in self._after_fetch:
+        for step in self._after_fetch:
             if asset is None:
                 break
-            asset, rejected = _outcome(stage.process(asset))
+            asset, rejected = step.apply(asset)
         if asset is None:
             row = ledger.rejected_row(rejected)
             row.update(validated=validated, pixel_sha256=None, area=None, record=None)
@@ -387,7 +384,7 @@ class Decide(beam.DoFn):
 
     def _repeated_ids(self, cols: dict[str, list[Any]], changes: dict[int, dict[str, Any]]) -> list[int]:
         """Among rows that passed validation, the earliest (manifest, row) of an id wins."""
-        counter = Metrics.counter("validate", f"rejected/{RejectReason.DUPLICATE_ASSET_ID.value}")
+        counters = StageCounters(Stage.VALIDATE)
         first: dict[str, int] = {}
         survivors = []
         for i, aid in enumerate(cols["asset_id"]):  # slices are in (manifest, row) order
@@ -395,8 +392,8 @@ class Decide(beam.DoFn):
                 continue
             j = first.setdefault(aid, i)
             if j != i:
-                counter.inc()
-                changes[i] = {"status": "rejected", "stage": "validate", "reason": RejectReason.DUPLICATE_ASSET_ID.value,
+                counters.rejected(RejectReason.DUPLICATE_ASSET_ID)
+                changes[i] = {"status": "rejected", "stage": Stage.VALIDATE, "reason": RejectReason.DUPLICATE_ASSET_ID.value,
                               "detail": f"asset_id already used at {cols['manifest_uri'][j]} row {cols['manifest_row'][j]}",
                               "dup_of": aid, "cluster_id": None}
             elif cols["status"][i] == "kept":
@@ -412,15 +409,15 @@ class Decide(beam.DoFn):
         ids, shas = self.taken_down
         if not ids and not shas:
             return survivors
-        counter = Metrics.counter("audit", f"rejected/{RejectReason.TAKEN_DOWN.value}")
+        counters = StageCounters(Stage.AUDIT)
         kept = []
         for i in survivors:
             by = "asset_id" if cols["asset_id"][i] in ids else "sha256" if cols["sha256"][i] in shas else None
             if by is None:
                 kept.append(i)
                 continue
-            counter.inc()
-            changes[i] = {"status": "rejected", "stage": "audit", "reason": RejectReason.TAKEN_DOWN.value,
+            counters.rejected(RejectReason.TAKEN_DOWN)
+            changes[i] = {"status": "rejected", "stage": Stage.AUDIT, "reason": RejectReason.TAKEN_DOWN.value,
                           "detail": f"taken down earlier (matched by {by}; OUT/takedowns.jsonl)", "dup_of": None,
                           "cluster_id": None}
         return kept
@@ -436,7 +433,7 @@ class Decide(beam.DoFn):
 
     def _exact(self, cols, survivors: list[int], previous, changes) -> list[int]:
         cfg = self.dedup
-        counters = StageCounters("dedup_exact")
+        counters = StageCounters(Stage.DEDUP_EXACT)
         counters.seen.inc(len(survivors))
         prev_keys = dedup_rules.previous_exact_keys(previous)
         groups: dict[str, list[int]] = defaultdict(list)
@@ -456,10 +453,10 @@ class Decide(beam.DoFn):
                 if d.dup_of is None:
                     kept.append(i)
                     if d.cluster_id:
-                        changes[i] = {"status": "kept", "stage": "curated", "cluster_id": d.cluster_id}
+                        changes[i] = {"status": "kept", "stage": Stage.CURATED, "cluster_id": d.cluster_id}
                 else:
                     counters.rejected(RejectReason.EXACT_DUPLICATE)
-                    changes[i] = {"status": "rejected", "stage": "dedup_exact",
+                    changes[i] = {"status": "rejected", "stage": Stage.DEDUP_EXACT,
                                   "reason": RejectReason.EXACT_DUPLICATE.value, "detail": d.detail,
                                   "dup_of": d.dup_of, "cluster_id": d.cluster_id}
         counters.kept.inc(len(kept))
@@ -469,7 +466,7 @@ class Decide(beam.DoFn):
 
     def _near(self, cols, survivors: list[int], previous, changes) -> list[int]:
         cfg = self.dedup
-        counters = StageCounters("dedup_near")
+        counters = StageCounters(Stage.DEDUP_NEAR)
         counters.seen.inc(len(survivors))
         rows = [dedup_rules.Row(cols["asset_id"][i], dedup_hash.hex_to_hash(cols["phash"][i]), self._rank(cols, i))
                 for i in survivors]
@@ -480,11 +477,11 @@ class Decide(beam.DoFn):
             i = position[d.asset_id]
             if d.dup_of is None:
                 if not changes.get(i, {}).get("cluster_id"):
-                    changes[i] = {"status": "kept", "stage": "curated", "cluster_id": d.cluster_id}
+                    changes[i] = {"status": "kept", "stage": Stage.CURATED, "cluster_id": d.cluster_id}
                 continue
             counters.rejected(RejectReason.NEAR_DUPLICATE)
             rejected.add(i)
-            changes[i] = {"status": "rejected", "stage": "dedup_near", "reason": RejectReason.NEAR_DUPLICATE.value,
+            changes[i] = {"status": "rejected", "stage": Stage.DEDUP_NEAR, "reason": RejectReason.NEAR_DUPLICATE.value,
                           "detail": d.detail, "dup_of": d.dup_of, "cluster_id": d.cluster_id}
         kept = [i for i in survivors if i not in rejected]
         counters.kept.inc(len(kept))
@@ -497,7 +494,7 @@ class WriteShardFromRecords(beam.DoFn):
     def __init__(self, out_dir: str):
         super().__init__()
         self.out_dir = out_dir
-        self.written = Metrics.counter("store", "samples_written")
+        self.written = Metrics.counter(Stage.STORE, "samples_written")
 
     def process(self, item: tuple[int, Iterable[tuple[str, str, str | None]]]) -> Iterator[dict[str, Any]]:
         shard, members = item

@@ -20,6 +20,7 @@ from apache_beam.metrics import Metrics
 
 from pipeline import storage
 from pipeline.records import Asset
+from pipeline.stages.base import Stage
 
 METADATA_SCHEMA = pa.schema([
     ("key", pa.string()),
@@ -189,7 +190,7 @@ class _WriteShard(beam.DoFn):
     def __init__(self, out_dir: str):
         super().__init__()
         self.out_dir = out_dir
-        self.written = Metrics.counter("store", "samples_written")
+        self.written = Metrics.counter(Stage.STORE, "samples_written")
 
     def process(self, item):
         shard, records = item

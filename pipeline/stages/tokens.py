@@ -30,9 +30,11 @@ import numpy as np
 from apache_beam.metrics import Metrics
 
 from manifests.schema import RowError, parse_objects
-from pipeline import storage
+from pipeline import ledger, storage
 from pipeline.progress import Progress, counted
 from pipeline.config import SftConfig, TokensConfig
+from pipeline.records import RejectReason
+from pipeline.stages.base import Stage
 from pipeline.stages.decode import curated_box
 from tokenizer import sft as sft_format
 from tokenizer import token_shards
@@ -40,7 +42,7 @@ from tokenizer.cm3 import CM3Format, build_document, build_sequence
 
 log = logging.getLogger(__name__)
 
-STAGE = "tokens"
+STAGE = Stage.TOKENS
 TOO_LONG = "too_long"  # tagged output: (key, asset_id, detail)
 
 
@@ -298,11 +300,6 @@ def write_tokens_index(tokens_dir: str, entries: list[dict[str, Any]], dtype: st
     return json.loads(data)
 
 
-def _write_too_long(items: list[tuple[str, str, str]], url: str) -> None:
-    lines = [json.dumps({"key": k, "asset_id": a, "detail": d}, sort_keys=True) for k, a, d in sorted(items)]
-    storage.write_bytes(url, ("\n".join(lines) + "\n" if lines else "").encode())
-
-
 class WriteTokenShards(beam.PTransform):
     """Curated metadata rows, (key, codes) pairs and neighbour rows -> `tokens/` (shards, provenance,
     index.json) and a JSONL of documents too long to fit (`too_long_url`), for the ledger."""
@@ -336,8 +333,9 @@ class WriteTokenShards(beam.PTransform):
         too_long_url = self.too_long_url
         return (
             counted(written[TOO_LONG], self.progress, "ProgressTooLong")
-            | "CollectTooLong" >> beam.combiners.ToList()
-            | "WriteTooLong" >> beam.Map(_write_too_long, too_long_url)
+            | "TooLongRows" >> beam.Map(lambda t: {"key": t[0], "reason": RejectReason.SEQUENCE_TOO_LONG.value,
+                                                   "detail": t[2]})
+            | "WriteTooLong" >> ledger.WriteChanges(too_long_url)
         )
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -23,8 +22,9 @@ PREPARED = "_work/prepared"
 STAGING = "_work/staging"
 SLICES = "_work/slices"
 DECISIONS = "_work/decisions"
-TOO_LONG = "_work/tokens-too-long.jsonl"  # the tokens step's rejections, for the ledger
+TOO_LONG = "_work/tokens-too-long.jsonl"  # the tokens step's rejections, for the ledger (ledger.apply_changes)
 ENCODE_REJECTED = "_work/encode-rejected.jsonl"  # the encode step's rejections, for the ledger
+NEIGHBOUR_ERRORS = "_work/neighbour-errors.jsonl"  # documents the index step found no neighbours for, by error
 MANIFESTS = "@manifests"  # in Step.reads: the manifests and the license policy
 
 
@@ -87,11 +87,3 @@ def clip_config(ctx: RunContext):
 def copy_file(src: str, dst: str) -> None:
     with fsspec.open(src, "rb") as handle:
         storage.write_bytes(dst, handle.read())
-
-
-def jsonl_rows(url: str) -> list[dict[str, Any]]:
-    """The rows of a step's JSONL work file (rejections it hands to the ledger); none if absent."""
-    if not storage.exists(url):
-        return []
-    with fsspec.open(url, "rt") as handle:
-        return [json.loads(line) for line in handle if line.strip()]

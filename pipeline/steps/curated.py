@@ -12,7 +12,6 @@ import apache_beam as beam
 from pipeline import ledger, storage
 from pipeline.progress import Progress, counted
 from pipeline.runner import run_beam
-from pipeline.stages.base import REJECTED
 from pipeline.stages.dedup import DedupSemantic
 from pipeline.stages.ingest import read_chunks
 from pipeline.stages.store import ReadCuratedStore, StageImages, WriteCuratedStore, write_index
@@ -149,7 +148,7 @@ def build_align_graph(p: beam.Pipeline, ctx: RunContext, progress: Progress | No
     staged = scored.kept | "StageImages" >> beam.ParDo(StageImages(ctx.path(STAGING)))
     filtered = staged | "FilterAlignment" >> FilterAlignment(align_cfg)
     kept = filtered.kept
-    rejections = [scored[REJECTED], filtered[REJECTED]]
+    rejections = [scored.rejected, filtered.rejected]
     if cfg.dedup.semantic:
         vectors = scored.embeddings | "ImageVectors" >> beam.Map(
             lambda r: (r["asset_id"], r["image_emb"].astype("float32")))

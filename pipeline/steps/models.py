@@ -4,7 +4,8 @@ text (byte-level BPE and the joint vocabulary) and encode (VQ codes for every cu
 from __future__ import annotations
 
 from pipeline import ledger, storage
-from pipeline.steps.context import ENCODE_REJECTED, NothingToDo, RunContext, copy_file, jsonl_rows
+from pipeline.stages.base import Stage
+from pipeline.steps.context import ENCODE_REJECTED, NothingToDo, RunContext, copy_file
 
 
 def step_vq(ctx: RunContext):
@@ -62,8 +63,5 @@ def step_encode(ctx: RunContext):
                                       ctx.options, batch_size=vq.encode_batch_size, device=vq.device, progress=progress,
                                       rejected_url=ctx.path(ENCODE_REJECTED))
     counters = {f"encode/{k}": int(v) for k, v in result["counters"].items()}
-    failed = {row["key"]: (row["reason"], row["detail"]) for row in jsonl_rows(ctx.path(ENCODE_REJECTED))}
-    if failed:
-        ledger.update_statuses(ctx.out, "encode", reject=failed)
-    storage.remove_tree(ctx.path(ENCODE_REJECTED))
+    failed = ledger.apply_changes(ctx.out, Stage.ENCODE, ctx.path(ENCODE_REJECTED))
     return counters, {"files": len(result["files"]), "rejected": len(failed)}

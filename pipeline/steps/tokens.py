@@ -12,7 +12,8 @@ import apache_beam as beam
 from pipeline import ledger, storage
 from pipeline.progress import Progress
 from pipeline.runner import run_beam
-from pipeline.steps.context import TOO_LONG, RunContext, copy_file, jsonl_rows
+from pipeline.stages.base import Stage
+from pipeline.steps.context import TOO_LONG, RunContext, copy_file
 
 
 DOCUMENT_COLUMNS = ["key", "asset_id", "captions", "license_id", "licensor"]
@@ -78,9 +79,7 @@ def step_tokens(ctx: RunContext):
     })
     with ctx.beam_step("tokens", curated, "documents") as progress:
         counters = run_beam(lambda p: build_tokens_graph(p, ctx, num_shards, dtype, extra, progress), ctx.options)
-    too_long = {row["key"]: ("SEQUENCE_TOO_LONG", row["detail"]) for row in jsonl_rows(ctx.path(TOO_LONG))}
-    ledger.update_statuses(ctx.out, "tokens", reject=too_long)
-    storage.remove_tree(ctx.path(TOO_LONG))
+    too_long = ledger.apply_changes(ctx.out, Stage.TOKENS, ctx.path(TOO_LONG))
     index = storage.read_json(storage.join(tokens, "index.json"))
     kept = sum(1 for status in ledger.read_ledger(ctx.out).column("status").to_pylist() if status == "kept")
     if index["sequences"] != kept:  # every kept asset is the main document of exactly one sequence

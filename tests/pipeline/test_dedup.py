@@ -25,7 +25,7 @@ from pipeline.config import DecodeConfig, DedupConfig, RunConfig, from_dict
 from pipeline.records import Asset, Rejected, RejectReason
 from pipeline.stages.base import REJECTED
 from pipeline.stages.decode import decode_image
-from pipeline.stages.dedup import DedupSemantic, _HashAsset
+from pipeline.stages.dedup import DedupSemantic, HashImage
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "manifests" / "demo"
@@ -227,9 +227,9 @@ def test_rules_against_a_previous_run(tmp_path, corpus) -> None:
 
 
 def _hash_step(asset: Asset, cfg: DedupConfig) -> tuple[Asset | None, Rejected | None]:
-    step = _HashAsset("dedup_near", cfg)
+    step = HashImage(cfg)
     step.setup()
-    out = list(step.process(asset))[0]
+    out = list(step.process(asset))[0]  # under Beam: the asset, or its rejection on the tagged output
     return (None, out.value) if isinstance(out, beam.pvalue.TaggedOutput) and out.tag == REJECTED else (out, None)
 
 

@@ -413,7 +413,7 @@ def test_fifo_and_directory_are_refused_without_blocking(tmp_path):
 
 def _outputs(out: Path) -> dict[str, bytes]:
     """Every file a curated run leaves (its run record aside), by relative path."""
-    skip = ("run.json", "croissant.json", "_state", "_logs")  # run records: they hold times
+    skip = ("run.json", "croissant.json", "_state", "_logs", "lineage", "report")  # run records: times, paths
     return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
             if p.is_file() and not str(p.relative_to(out)).startswith(skip)}
 

@@ -225,7 +225,8 @@ def test_beam_stage_with_text_dropout_writes_neighbour_table(tmp_path):
     def run(out_dir):
         _OUT.clear()
         with TestPipeline() as p:
-            neighbours = p | beam.Create(rows) | ComputeNeighbours(cfg)
+            neighbours, errors = p | beam.Create(rows) | ComputeNeighbours(cfg)
+            _ = errors | "Errors" >> beam.Map(_keep)
             _ = neighbours | beam.Map(_keep)
             _ = neighbours | WriteNeighbours(out_dir, num_shards=2)
         return {r["key"]: r for r in _OUT}
@@ -242,3 +243,30 @@ def test_beam_stage_with_text_dropout_writes_neighbour_table(tmp_path):
     files = storage.list_files(str(tmp_path / "n1"), "neighbours-*.parquet")
     table = pq.read_table(files).to_pylist() if len(files) == 1 else sum((pq.read_table(f).to_pylist() for f in files), [])
     assert {r["key"]: r["neighbour_keys"] for r in table} == {k: r["neighbour_keys"] for k, r in first.items()}
+
+
+def test_a_document_whose_search_fails_keeps_no_neighbours_and_the_error_is_reported(tmp_path):
+    """One broken embedding fails its batch: the batch is retried one document at a time, the
+    others get their neighbours, and the broken one gets an empty list plus an error row for
+    the ledger (the index step writes it as a note on the kept row)."""
+    rng = np.random.default_rng(6)
+    dim, n = 64, 12
+    doc = unit(rng.normal(size=(n, dim)))
+    keys = [f"{i:016x}" for i in range(n)]
+    build_index(doc, keys, str(tmp_path / "index"), IndexConfig(), [None] * n, [True] * n)
+    rows = [{"key": keys[i], "cluster_id": None, "captions": [], "image_emb": doc[i].astype(np.float16),
+             "text_emb": None, "doc_emb": doc[i].astype(np.float16)} for i in range(n)]
+    rows[5] = {**rows[5], "image_emb": doc[5][:7].astype(np.float16)}  # a truncated vector
+    cfg = NeighboursConfig(index_dir=str(tmp_path / "index"), rules=NeighbourConfig(k=2, query="image"), batch_size=n)
+    _OUT.clear()
+    with TestPipeline() as p:
+        neighbours, errors = p | beam.Create(rows) | ComputeNeighbours(cfg)
+        _ = neighbours | "Rows" >> beam.Map(lambda r: _keep(("row", r)))
+        _ = errors | "Errors" >> beam.Map(lambda r: _keep(("error", r)))
+    found = {r["key"]: r for kind, r in _OUT if kind == "row"}
+    errors = [r for kind, r in _OUT if kind == "error"]
+    assert set(found) == set(keys)
+    assert found[keys[5]]["neighbour_keys"] == []
+    assert all(len(found[k]["neighbour_keys"]) == 2 for k in keys if k != keys[5])
+    assert [(e["key"], e["reason"]) for e in errors] == [(keys[5], "ERROR")]
+    assert errors[0]["detail"].startswith("no retrieved neighbours: ")

@@ -299,3 +299,25 @@ def test_malloc_arena_cap_is_set_for_local_workers_unless_the_user_chose(monkeyp
     monkeypatch.setenv("MALLOC_ARENA_MAX", "8")
     limit_malloc_arenas()
     assert os.environ["MALLOC_ARENA_MAX"] == "8"
+
+
+def test_later_steps_reject_or_annotate_kept_rows_through_one_work_file(first_run, tmp_path):
+    """encode, neighbours and tokens hand their findings to the ledger as {key, reason, detail}
+    rows: rejections, or notes on rows that stay kept; a rerun of the step undoes its own."""
+    _, out, report = first_run
+    kept = [r for r in ledger.read_ledger(str(out)).to_pylist() if r["status"] == "kept"]
+    a, b = kept[0]["key"], kept[1]["key"]
+    url = str(tmp_path / "changes.jsonl")
+    ledger.write_changes(url, [{"key": b, "reason": "ERROR", "detail": "boom"}])
+    assert ledger.apply_changes(str(out), "neighbours", url, as_notes=True) == {b: ("ERROR", "boom")}
+    ledger.write_changes(url, [{"key": a, "reason": "SEQUENCE_TOO_LONG", "detail": "too long"}])
+    ledger.apply_changes(str(out), "tokens", url)
+    rows = {r["key"]: r for r in ledger.read_ledger(str(out)).to_pylist()}
+    assert (rows[a]["status"], rows[a]["stage"], rows[a]["reason"]) == ("rejected", "tokens", "SEQUENCE_TOO_LONG")
+    assert (rows[b]["status"], rows[b]["detail"]) == ("kept", "neighbours: ERROR: boom")
+    assert not os.path.exists(url)  # the work file is consumed
+    ledger.check_invariant(str(out), report.summary.rows_in)  # still one row per manifest row
+    ledger.update_statuses(str(out), "neighbours", restore=True)
+    ledger.update_statuses(str(out), "tokens", restore=True)
+    rows = {r["key"]: r for r in ledger.read_ledger(str(out)).to_pylist()}
+    assert rows[a]["status"] == "kept" and rows[b]["detail"] is None
