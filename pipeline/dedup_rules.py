@@ -240,3 +240,32 @@ def semantic_decisions(rows: list[Row], threshold: float) -> Iterable[Decision]:
             f"CLIP cosine similarity {c.distance:.4f} to the cluster representative {c.dup_of} "
             f"(cluster of {c.cluster_size}, threshold {threshold})")
         yield Decision(aid, c.cluster_id, c.dup_of, detail)
+
+
+# --------------------------------------------------------------------------- after alignment
+
+
+class GroupMember(NamedTuple):
+    """A duplicate group's member as the align step sees it."""
+
+    asset_id: str
+    passed: bool  # passed the alignment filter on its own
+    rank: tuple[int, int, str] | None  # representative rank (members that passed need one)
+    standby: bool  # a duplicate on standby (not the group's representative)
+
+
+def regroup(members: list[GroupMember]) -> str | None:
+    """The asset a duplicate group keeps once alignment has judged every member alone.
+
+    The representative stays if it passed. If it failed, the best-ranked member that passed
+    takes its place. If every member failed, the group keeps nothing (each member is then
+    rejected for its own alignment). So a group is lost only when every member fails. A
+    group whose representative is gone (taken down) keeps nothing either: its duplicates are
+    copies of a removed asset."""
+    rep = next((m for m in members if not m.standby), None)
+    if rep is None:
+        return None
+    if rep.passed:
+        return rep.asset_id
+    passing = sorted((m for m in members if m.standby and m.passed), key=lambda m: m.rank)
+    return passing[0].asset_id if passing else None

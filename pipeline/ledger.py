@@ -197,6 +197,32 @@ def update_statuses(out: str, stage: str, reject: dict[str, tuple[str, str]] | N
     return changed
 
 
+DUPLICATE_REASONS = ("EXACT_DUPLICATE", "NEAR_DUPLICATE", "SEMANTIC_DUPLICATE")
+
+
+def point_duplicates_at_kept(out: str) -> int:
+    """Make every duplicate's `dup_of` name the asset its group kept: a duplicate of an asset
+    that is itself a duplicate (an exact copy of a near duplicate, a near duplicate of an asset
+    semantic dedup removed) points at what that one points at, to the end of the chain (a kept
+    asset, or a previous run's). Rewrites the ledger only when a chain was found."""
+    rows = read_ledger(out).to_pylist()
+    duplicate_of = {r["asset_id"]: r["dup_of"] for r in rows
+                    if r["status"] == "rejected" and r["reason"] in DUPLICATE_REASONS and r["asset_id"]}
+    changed = 0
+    for row in rows:
+        if row["asset_id"] not in duplicate_of or row["dup_of"] not in duplicate_of:
+            continue
+        target, seen = row["dup_of"], {row["asset_id"]}
+        while target in duplicate_of and target not in seen:
+            seen.add(target)
+            target = duplicate_of[target]
+        row["dup_of"] = target
+        changed += 1
+    if changed:
+        rewrite_ledger(out, pa.Table.from_pylist(rows, schema=LEDGER_SCHEMA))
+    return changed
+
+
 # Steps after curation (encode, neighbours, tokens) find rejections (or notes) on workers and
 # hand them to the driver in one JSONL work file, which `apply_changes` applies to the ledger.
 

@@ -8,14 +8,16 @@ delivery by the prepare step's `Decide` (pipeline/stages/prepare.py).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Iterable
 
 import apache_beam as beam
+from apache_beam.metrics import Metrics
 
 from pipeline import dedup_hash, dedup_rules
 from pipeline.config import DedupConfig
-from pipeline.records import Asset, RejectReason
+from pipeline.records import Asset, Rejected, RejectReason
 from pipeline.stages.base import REJECTED, Stage, StageCounters, StageDoFn, StageOutputs
 
 log = logging.getLogger(__name__)
@@ -123,3 +125,86 @@ class DedupSemantic(beam.PTransform):
         joined = {"asset": keyed, "decision": decisions} | "Join" >> beam.CoGroupByKey()
         out = joined | "Apply" >> beam.ParDo(_ApplySemantic(self.stage)).with_outputs(REJECTED, main="kept")
         return StageOutputs(out.kept, out[REJECTED])
+
+
+class _Regroup(beam.DoFn):
+    """One group (by cluster_id) of alignment outcomes -> the group's final ledger outcome."""
+
+    REPLACED = "replaced"  # asset ids whose prepare-step ledger row is replaced by this step's
+
+    def __init__(self, standby: dict[str, tuple[str, str, str]], prefs: tuple[str, ...]):
+        super().__init__()
+        self.standby = standby  # asset_id -> (stage, reason, detail) of its prepare-step duplicate row
+        self.prefs = prefs
+
+    def setup(self) -> None:
+        self.promoted = Metrics.counter(Stage.ALIGN, "groups_kept_by_another_member")
+        self.lost = Metrics.counter(Stage.ALIGN, "groups_lost_every_member_failed")
+
+    def process(self, element) -> Iterable:
+        group, joined = element
+        passed: list[Asset] = list(joined["passed"])
+        failed: list[Rejected] = list(joined["failed"])
+        if not any(m.asset_id in self.standby for m in [*passed, *failed]):
+            yield from passed
+            yield from (beam.pvalue.TaggedOutput(REJECTED, r) for r in failed)
+            return
+        members = [dedup_rules.GroupMember(a.asset_id, True, dedup_rules.representative_rank(a, self.prefs),
+                                           a.asset_id in self.standby) for a in passed]
+        members += [dedup_rules.GroupMember(r.asset_id, False, None, r.asset_id in self.standby) for r in failed]
+        winner = dedup_rules.regroup(members)
+        rep = next((m.asset_id for m in members if not m.standby), None)
+        for asset in passed:
+            if asset.asset_id == winner:
+                yield asset if asset.cluster_id else asset.replace(cluster_id=group)
+            elif asset.asset_id in self.standby and winner == rep:
+                continue  # the representative stayed: the duplicate keeps its prepare-step row
+            else:  # a duplicate of the member that took the representative's place
+                yield beam.pvalue.TaggedOutput(REJECTED, self._duplicate(asset, winner, rep, group))
+        for rejected in failed:
+            if rejected.asset_id in self.standby and winner == rep:
+                continue
+            if rejected.asset_id in self.standby and winner is not None:
+                rejected = self._duplicate(rejected, winner, rep, group)
+            yield beam.pvalue.TaggedOutput(REJECTED, rejected)  # failed on its own (the whole group did)
+        if winner != rep:
+            if winner is None:
+                self.lost.inc()
+            else:
+                self.promoted.inc()
+            for m in members:
+                if m.standby:
+                    yield beam.pvalue.TaggedOutput(self.REPLACED, m.asset_id)
+
+    def _duplicate(self, item: Asset | Rejected, winner: str, rep: str | None, group: str) -> Rejected:
+        """The member's prepare-step duplicate row, pointing at the member that was kept instead."""
+        stage, reason, detail = self.standby[item.asset_id]
+        note = f"; kept instead: {winner}, since the representative {rep} failed alignment" if rep else ""
+        fields = dict(stage=stage, reason=RejectReason(reason), detail=(detail + note)[:2000], dup_of=winner,
+                      cluster_id=group)
+        return dataclasses.replace(item, **fields) if isinstance(item, Rejected) else item.reject(**fields)
+
+
+class RegroupAfterAlignment(beam.PTransform):
+    """Dedup and alignment agree: every duplicate group is re-decided once alignment has judged
+    each member on its own (dedup_rules.regroup). `passed` and `failed` are the alignment
+    filter's outputs over the representatives and the duplicates on standby; `standby` maps a
+    standby duplicate's asset_id to its prepare-step ledger row (stage, reason, detail).
+    Returns (kept, rejected, replaced): `replaced` lists the duplicates whose prepare-step
+    ledger row this step replaces."""
+
+    def __init__(self, standby: dict[str, tuple[str, str, str]], prefs: tuple[str, ...] = ()):
+        super().__init__()
+        self.standby = standby
+        self.prefs = prefs
+
+    def expand(self, outcomes: tuple[beam.PCollection, beam.PCollection]):
+        passed, failed = outcomes
+        out = (
+            {"passed": passed | "KeyPassed" >> beam.Map(lambda a: (a.cluster_id or a.asset_id, a)),
+             "failed": failed | "KeyFailed" >> beam.Map(lambda r: (r.cluster_id or r.asset_id, r))}
+            | "ByGroup" >> beam.CoGroupByKey()
+            | "Decide" >> beam.ParDo(_Regroup(self.standby, self.prefs)).with_outputs(
+                REJECTED, _Regroup.REPLACED, main="kept")
+        )
+        return out.kept, out[REJECTED], out[_Regroup.REPLACED]

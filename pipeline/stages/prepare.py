@@ -328,13 +328,15 @@ def _read_parquet(url: str, columns: Iterable[str] | None = None, schema: pa.Sch
 
 
 class Decide(beam.DoFn):
-    """All chunk summaries in (one element) -> ledger changes written, shard members + ledger tasks out.
+    """All chunk summaries in (one element) -> ledger changes written; out: the members of each
+    shard of the prepared store, the duplicates on standby (STANDBY), one task per ledger file.
 
     Reads only the compact columns of the slices (about 200 bytes a row), so its memory is
     a small multiple of the delivery's hashes, like any global dedup.
     """
 
     LEDGER = "ledger"
+    STANDBY = "standby"
 
     def __init__(self, dedup: DedupConfig, work_dir: str, samples_per_shard: int,
                  taken_down: tuple[frozenset[str], frozenset[str]] = (frozenset(), frozenset())):
@@ -361,6 +363,7 @@ class Decide(beam.DoFn):
             survivors = self._exact(cols, survivors, previous, changes)
         if self.dedup.near:
             survivors = self._near(cols, survivors, previous, changes)
+        standby = self._standby(cols, survivors, changes)
 
         by_part: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for i in sorted(changes):
@@ -379,6 +382,34 @@ class Decide(beam.DoFn):
             key = storage.asset_key(cols["asset_id"][i])
             cluster = changes.get(i, {}).get("cluster_id")
             yield storage.stable_bucket(key, shards), (key, cols["record"][i], cluster)
+        shards = shard_count(len(standby), self.samples_per_shard)
+        for i in standby:
+            key = storage.asset_key(cols["asset_id"][i])
+            yield beam.pvalue.TaggedOutput(self.STANDBY, (storage.stable_bucket(key, shards),
+                                                          (key, cols["record"][i], changes[i]["cluster_id"])))
+
+    # -- duplicates on standby ------------------------------------------------------------
+
+    def _standby(self, cols, survivors: list[int], changes: dict[int, dict[str, Any]]) -> list[int]:
+        """The duplicates of a kept representative, on standby for the align step: if the
+        representative fails alignment, the best member that passes takes its place
+        (dedup_rules.regroup). Each points at its group's final representative: an exact
+        duplicate of an asset that is itself a near duplicate points at what that one points at.
+        Duplicates of a previous-run asset are not on standby (that asset is already curated)."""
+        position = {cols["asset_id"][i]: i for i in survivors}
+        dups = {cols["asset_id"][i]: i for i, c in changes.items()
+                if c.get("reason") in (RejectReason.EXACT_DUPLICATE.value, RejectReason.NEAR_DUPLICATE.value)}
+        standby = []
+        for i in sorted(dups.values()):
+            target = changes[i]["dup_of"]
+            while target in dups:
+                target = changes[dups[target]]["dup_of"]
+            if target not in position:
+                continue  # a previous-run asset
+            rep = position[target]
+            changes[i].update(dup_of=target, cluster_id=changes.get(rep, {}).get("cluster_id") or target)
+            standby.append(i)
+        return standby
 
     # -- repeated asset ids ---------------------------------------------------------------
 

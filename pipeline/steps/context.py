@@ -19,6 +19,7 @@ from pipeline.progress import Monitor, Progress, stderr_to_log
 WORK = "_work"
 LOGS = "_logs"
 PREPARED = "_work/prepared"
+STANDBY = "_work/prepared/standby"  # the duplicates of kept assets, re-decided after alignment
 STAGING = "_work/staging"
 SLICES = "_work/slices"
 DECISIONS = "_work/decisions"

@@ -12,10 +12,10 @@ import apache_beam as beam
 from pipeline import ledger, storage
 from pipeline.progress import Progress, counted
 from pipeline.runner import run_beam
-from pipeline.stages.dedup import DedupSemantic
+from pipeline.stages.dedup import DedupSemantic, RegroupAfterAlignment
 from pipeline.stages.ingest import read_chunks
 from pipeline.stages.store import ReadCuratedStore, StageImages, WriteCuratedStore, write_index
-from pipeline.steps.context import (DECISIONS, PREPARED, SLICES, STAGING, WORK, NothingToDo, RunContext,
+from pipeline.steps.context import (DECISIONS, PREPARED, SLICES, STAGING, STANDBY, WORK, NothingToDo, RunContext,
                                     WorkerDied, clip_config, copy_file)
 from pipeline.takedown import taken_down
 
@@ -48,16 +48,18 @@ def build_prepare_graph(p: beam.Pipeline, ctx: RunContext, progress: Progress | 
         | "CollectChunks" >> beam.combiners.ToList()
         | "Decide" >> beam.ParDo(prepare.Decide(cfg.dedup, work, cfg.curated.samples_per_shard,
                                                 taken_down(cfg.out))).with_outputs(
-            prepare.Decide.LEDGER, main="shards")
+            prepare.Decide.LEDGER, prepare.Decide.STANDBY, main="shards")
     )
+    for label, members, folder in (("", plan.shards, ctx.path(PREPARED)),
+                                   ("Standby", plan[prepare.Decide.STANDBY], ctx.path(STANDBY))):
+        _ = (
+            members
+            | f"GroupBy{label}Shard" >> beam.GroupByKey()
+            | f"Write{label}Shards" >> beam.ParDo(prepare.WriteShardFromRecords(folder))
+            | f"Collect{label}Index" >> beam.combiners.ToList()
+            | f"Write{label}Index" >> beam.Map(lambda shards, folder=folder: write_index(folder, shards))
+        )
     prepared = ctx.path(PREPARED)
-    _ = (
-        plan.shards
-        | "GroupByShard" >> beam.GroupByKey()
-        | "WriteShards" >> beam.ParDo(prepare.WriteShardFromRecords(prepared))
-        | "CollectIndex" >> beam.combiners.ToList()
-        | "WriteIndex" >> beam.Map(lambda shards: write_index(prepared, shards))
-    )
     _ = (
         plan[prepare.Decide.LEDGER]
         | "SpreadLedger" >> beam.Reshuffle()
@@ -134,12 +136,29 @@ def _earlier_rejections(prepared_ledger_dir: str):
                     yield row
 
 
+def standby_rows(ctx: RunContext) -> dict[str, tuple[str, str, str]]:
+    """asset_id -> (stage, reason, detail) of every duplicate on standby (its prepare-step row)."""
+    store = ctx.path(STANDBY)
+    ids = {a for url in storage.list_files(store, "metadata-*.parquet")
+           for a in storage.read_table(url, ["asset_id"]).column("asset_id").to_pylist()}
+    if not ids:
+        return {}
+    return {r["asset_id"]: (r["stage"], r["reason"], r["detail"]) for url in
+            storage.list_files(ctx.path(PREPARED, "ledger"), "ledger-*.parquet")
+            for r in storage.read_table(url, ["asset_id", "stage", "reason", "detail"]).to_pylist()
+            if r["asset_id"] in ids}
+
+
 def build_align_graph(p: beam.Pipeline, ctx: RunContext, progress: Progress | None = None) -> None:
-    """C: score every prepared asset with CLIP, filter, (semantic dedup), write the store."""
+    """C: score every prepared asset (and every duplicate on standby) with CLIP, filter,
+    re-decide the duplicate groups, (semantic dedup), write the store and the ledger."""
     from pipeline.stages.align import FilterAlignment, KeptEmbeddings, ScoreAlignment, WriteEmbeddings
 
     cfg = ctx.cfg
     assets = p | "ReadPrepared" >> ReadCuratedStore(ctx.path(PREPARED))
+    standby = standby_rows(ctx)
+    if standby:
+        assets = (assets, p | "ReadStandby" >> ReadCuratedStore(ctx.path(STANDBY))) | "WithStandby" >> beam.Flatten()
     earlier = p | "PreparedLedger" >> beam.Create([ctx.path(PREPARED, "ledger")]) \
         | "EarlierRejections" >> beam.FlatMap(_earlier_rejections)
     curated = ctx.path("curated")
@@ -149,6 +168,17 @@ def build_align_graph(p: beam.Pipeline, ctx: RunContext, progress: Progress | No
     filtered = staged | "FilterAlignment" >> FilterAlignment(align_cfg)
     kept = filtered.kept
     rejections = [scored.rejected, filtered.rejected]
+    if standby:  # dedup and alignment agree: a group keeps a member that passed, if any did
+        failed = tuple(rejections) | "Failed" >> beam.Flatten()
+        kept, rejected, replaced = (kept, failed) | "Regroup" >> RegroupAfterAlignment(
+            standby, cfg.dedup.license_preference)
+        rejections = [rejected]
+        earlier = (
+            {"row": earlier | "KeyEarlier" >> beam.Map(lambda r: (r["asset_id"], r)),
+             "replaced": replaced | "KeyReplaced" >> beam.Map(lambda a: (a, True))}
+            | "JoinReplaced" >> beam.CoGroupByKey()
+            | "KeepUnreplaced" >> beam.FlatMap(lambda kv: [] if list(kv[1]["replaced"]) else list(kv[1]["row"]))
+        )
     if cfg.dedup.semantic:
         vectors = scored.embeddings | "ImageVectors" >> beam.Map(
             lambda r: (r["asset_id"], r["image_emb"].astype("float32")))
@@ -175,9 +205,11 @@ def step_align(ctx: RunContext):
         _copy_prepared(ctx)
         index = storage.read_json(ctx.path("curated", "index.json"))
         return {}, {"samples": index["samples"], "shards": len(index["shards"]), "clip_weights": None}
-    samples = storage.read_json(ctx.path(PREPARED, "index.json"))["samples"]
+    samples = sum(storage.read_json(storage.join(store, "index.json"))["samples"]
+                  for store in (ctx.path(PREPARED), ctx.path(STANDBY)) if storage.exists(storage.join(store, "index.json")))
     with ctx.beam_step("align", samples, "images") as progress:
         counters = run_beam(lambda p: build_align_graph(p, ctx, progress), ctx.options)
+    ledger.point_duplicates_at_kept(ctx.out)
     storage.remove_tree(ctx.path(STAGING))
     index = storage.read_json(ctx.path("curated", "index.json"))
     return counters, {"samples": index["samples"], "shards": len(index["shards"]),

@@ -342,3 +342,63 @@ def test_exact_and_near_dedup_in_a_run_and_against_the_previous_run(tmp_path) ->
     counters = report.counters
     assert counters["dedup_exact/in"] == 7 and counters["dedup_exact/rejected/EXACT_DUPLICATE"] == 2
     assert counters["dedup_near/in"] == 5 and counters["dedup_near/rejected/NEAR_DUPLICATE"] == 2
+
+
+# --------------------------------------------------------------------------- after alignment
+
+
+def test_regroup_keeps_a_member_that_passed_unless_every_member_failed() -> None:
+    def m(aid, passed, standby, area=100):
+        return dedup_rules.GroupMember(aid, passed, dedup_rules.rank_key(area, None, aid), standby)
+
+    rep_passes = [m("rep", True, False), m("b", True, True), m("c", False, True)]
+    assert dedup_rules.regroup(rep_passes) == "rep"
+    rep_fails = [m("rep", False, False), m("small", True, True, area=10), m("big", True, True, area=50),
+                 m("bad", False, True)]
+    assert dedup_rules.regroup(rep_fails) == "big"  # the representative rule among those that passed
+    assert dedup_rules.regroup([m("rep", False, False), m("b", False, True)]) is None  # every member failed
+    assert dedup_rules.regroup([m("b", True, True)]) is None  # the representative was taken down
+
+
+def test_regroup_stage_rewrites_only_the_groups_whose_representative_failed(corpus) -> None:
+    """Under Beam: a3's group (a3 failed, small-a3 passed, a5 failed) keeps small-a3, and the
+    ledger rows of small-a3 and a5 (now a duplicate of small-a3) are replaced; a4's group (a4 passed) is untouched; a1's group (both failed) is
+    lost, each member for its own alignment; a singleton passes through."""
+    from pipeline.stages.dedup import RegroupAfterAlignment
+
+    def member(key, group):
+        return corpus[key].replace(cluster_id=group)
+
+    passed = [member("small-a3", "a3"), member("a4", "a4"), member("wm-a4", "a4"), corpus["a6"]]
+    failed = [member(k, g).reject("align", RejectReason.LOW_ALIGNMENT, "clip_score low")
+              for k, g in (("a3", "a3"), ("a5", "a3"), ("a1", "a1"), ("z-copy-a1", "a1"))]
+    standby = {"small-a3": ("dedup_near", "NEAR_DUPLICATE", "pHash Hamming distance 4 to a3"),
+               "a5": ("dedup_near", "NEAR_DUPLICATE", "pHash Hamming distance 6 to a3"),
+               "wm-a4": ("dedup_near", "NEAR_DUPLICATE", "pHash Hamming distance 3 to a4"),
+               "z-copy-a1": ("dedup_exact", "EXACT_DUPLICATE", "same source bytes (sha256) as a1")}
+
+    def check_kept(actual: list[Asset]) -> None:
+        assert sorted((a.asset_id, a.cluster_id) for a in actual) == [("a4", "a4"), ("a6", None), ("small-a3", "a3")]
+
+    def check_rejected(actual: list[Rejected]) -> None:
+        got = sorted((r.asset_id, r.stage, r.reason.value, r.dup_of) for r in actual)
+        assert got == [("a1", "align", "LOW_ALIGNMENT", None), ("a3", "align", "LOW_ALIGNMENT", None),
+                       ("a5", "dedup_near", "NEAR_DUPLICATE", "small-a3"),  # points at the member kept instead
+                       ("z-copy-a1", "align", "LOW_ALIGNMENT", None)]
+        assert "kept instead: small-a3" in next(r.detail for r in actual if r.asset_id == "a5")
+
+    def check_replaced(actual: list[str]) -> None:
+        assert sorted(actual) == ["a5", "small-a3", "z-copy-a1"]  # wm-a4 keeps its prepare-step row
+
+    p = TestPipeline()
+    kept, rejected, replaced = ((p | "Passed" >> beam.Create(passed), p | "Failed" >> beam.Create(failed))
+                                | RegroupAfterAlignment(standby))
+    assert_that(kept, check_kept, label="CheckKept")
+    assert_that(rejected, check_rejected, label="CheckRejected")
+    assert_that(replaced, check_replaced, label="CheckReplaced")
+    result = p.run()
+    result.wait_until_finish()
+    counters = {f"{c.key.metric.namespace}/{c.key.metric.name}": c.committed
+                for c in result.metrics().query(MetricsFilter())["counters"]}
+    assert counters["align/groups_kept_by_another_member"] == 1
+    assert counters["align/groups_lost_every_member_failed"] == 1

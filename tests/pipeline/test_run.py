@@ -272,7 +272,8 @@ def test_partial_outputs_of_a_crashed_phase_are_replaced(first_run, tmp_path):
 @pytest.mark.slow
 def test_align_step_with_semantic_dedup_keeps_the_ledger_whole(tiny_corpus, tmp_path):
     """CLIP scores + semantic dedup in the align step: every rejection lands in the ledger once,
-    and only kept documents reach the embeddings table."""
+    the prepare step's duplicates wait on standby and still point at kept assets, and only kept
+    documents reach the embeddings table."""
     from pipeline.config import ClipTrainConfig, DedupConfig
     from pipeline.retrieval import read_embeddings
 
@@ -285,6 +286,11 @@ def test_align_step_with_semantic_dedup_keeps_the_ledger_whole(tiny_corpus, tmp_
     semantic = [r for r in rows if r["reason"] == "SEMANTIC_DUPLICATE"]
     kept = {r["asset_id"] for r in rows if r["status"] == "kept"}
     assert semantic and all(r["dup_of"] in kept and r["clip_score"] is not None for r in semantic)
+    dups = [r for r in rows if r["reason"] in ("EXACT_DUPLICATE", "NEAR_DUPLICATE", "SEMANTIC_DUPLICATE")]
+    assert {"dup-exact", "dup-near"} <= {r["asset_id"] for r in dups}
+    assert all(r["dup_of"] in kept for r in dups)  # a duplicate always points at a kept asset
+    standby = pq.read_table(tmp_path / "out" / "_work" / "prepared" / "standby" / "metadata-000000.parquet")
+    assert set(standby.column("asset_id").to_pylist()) == {"dup-exact", "dup-near"}  # scored, kept on standby
     assert report.summary.rows_in == len(rows) == tiny_corpus["rows"]
     urls = sorted(str(p) for p in (tmp_path / "out" / "curated").glob("embeddings-*.parquet"))
     assert set(read_embeddings(urls).keys) == {r["key"] for r in rows if r["status"] == "kept"}
