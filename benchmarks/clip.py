@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
 import tempfile
@@ -36,8 +35,9 @@ CAPTIONS = (REPO / "manifests/demo/coco.jsonl", Path("/work/shared/data/coco_min
 
 
 def demo_samples() -> list[tuple[str, bytes, list[str]]]:
-    """(asset_id, normalised 256² JPEG, captions) for the demo photos."""
-    from PIL import Image
+    """(asset_id, 256² JPEG as the pipeline's decode normalises it, captions) for the demo photos."""
+    from pipeline.config import DecodeConfig
+    from pipeline.stages.decode import decode_image
 
     source = next(p for p in CAPTIONS if p.exists())
     out = []
@@ -46,9 +46,8 @@ def demo_samples() -> list[tuple[str, bytes, list[str]]]:
         path = REPO / "manifests/demo/images" / Path(row.get("uri") or row.get("path") or row["file_name"]).name
         if not path.exists() or not row.get("captions"):
             continue
-        buf = io.BytesIO()
-        Image.open(path).convert("RGB").resize((256, 256), Image.BICUBIC).save(buf, "JPEG", quality=90)
-        out.append((str(row.get("asset_id") or path.stem), buf.getvalue(), list(row["captions"])))
+        jpeg = decode_image(path.read_bytes(), DecodeConfig(), hash_kind=None).jpeg
+        out.append((str(row.get("asset_id") or path.stem), jpeg, list(row["captions"])))
     return sorted(out)
 
 
@@ -102,6 +101,7 @@ def stage_run(cfg: ClipConfig, samples, folder: str) -> float:
     options = PipelineOptions(["--direct_running_mode=in_memory", "--direct_num_workers=1"])
     p = beam.Pipeline(options=options)
     _ = (p | beam.Create(range(len(samples)), reshuffle=False) | beam.Map(_MakeAsset(folder))
+         | beam.BatchElements(min_batch_size=cfg.batch_size, max_batch_size=cfg.batch_size)
          | ScoreAlignment(AlignConfig(clip=cfg)))
     result = p.run()
     result.wait_until_finish()
@@ -222,8 +222,7 @@ def auc_bench(args) -> None:
         for label, train, test in splits:
             weights = args.weights and f"{args.weights}/clip.safetensors"
             if not weights or label.startswith("held"):
-                shard = storage.join(tmp, label[:4], "images-000000.tar")
-                _write_shard(shard, train)
+                shard = _write_shard(storage.join(tmp, label[:4]), train)
                 out = storage.join(tmp, label[:4], "model")
                 summary = train_clip(ClipConfig(arch="cpu-tiny", device=args.device),
                                      ClipTrainConfig(max_steps=args.steps, max_minutes=args.minutes, lr=1e-3,
@@ -235,20 +234,14 @@ def auc_bench(args) -> None:
             evaluate(weights, test, label)
 
 
-def _write_shard(url: str, samples) -> None:
-    import tarfile
+def _write_shard(folder: str, samples) -> str:
+    """(asset_id, jpeg, captions) as the curated store `folder` (one shard), through the store's
+    writer; returns the shard's URL."""
+    from tokenizer.shards import write_store
 
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for asset_id, jpg, caps in sorted(samples, key=lambda s: storage.asset_key(s[0])):
-            key = storage.asset_key(asset_id)
-            meta = json.dumps({"asset_id": asset_id, "key": key, "captions": caps, "license_id": "x",
-                               "cluster_id": None}).encode()
-            for name, data in ((f"{key}.jpg", jpg), (f"{key}.json", meta)):
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    storage.write_bytes(url, buf.getvalue())
+    keyed = [(storage.asset_key(asset_id), jpg, {"asset_id": asset_id, "captions": caps, "license_id": "x",
+                                                 "cluster_id": None}) for asset_id, jpg, caps in samples]
+    return write_store(keyed, folder, per_shard=len(keyed))[0]
 
 
 def main() -> None:

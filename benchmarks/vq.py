@@ -26,17 +26,19 @@ sys.path.insert(0, str(ROOT))
 
 
 def write_inputs(n: int | None, repeat: int, out_dir: str) -> tuple[list[str], int]:
-    """The demo photos, normalised like the curated store, written as curated tar shards."""
-    from tokenizer.shards import normalise_photo, write_image_shards
+    """The demo photos, normalised by the pipeline's decode, written as curated tar shards."""
+    from pipeline.config import DecodeConfig
+    from pipeline.stages.decode import decode_image
+    from tokenizer.shards import write_store
 
     paths = sorted((ROOT / "manifests" / "demo" / "images").glob("*.jpg"))[:n]
-    base = [normalise_photo(str(p)) for p in paths]
+    base = [decode_image(p.read_bytes(), DecodeConfig(), hash_kind=None).jpeg for p in paths]
     samples = []
     for r in range(repeat):
         for p, data in zip(paths, base):
             key = hashlib.sha256(f"{r}:{p.name}".encode()).hexdigest()[:16]
             samples.append((key, data, {"asset_id": key, "key": key, "captions": [], "license_id": "x"}))
-    return write_image_shards(samples, out_dir, per_shard=128), len(samples)
+    return write_store(samples, out_dir, per_shard=128), len(samples)
 
 
 def bare_loop(model, shards: list[str], batch_size: int) -> float:

@@ -29,9 +29,7 @@ killed takedown rerun (the same command, or `curate audit takedown --resume`) co
 from __future__ import annotations
 
 import datetime as dt
-import io
 import json
-import tarfile
 from typing import Any, Iterable, Sequence
 
 import fsspec
@@ -72,9 +70,9 @@ def _filter_parquets(folder: str, pattern: str, keys: frozenset[str], column: st
 
 
 def _filter_store(curated: str, keys: frozenset[str]) -> list[str]:
-    """Curated shards without the taken-down samples: tar members copied as they are (the
-    store's writer uses fixed headers, so the bytes equal a fresh write of the rest)."""
-    from pipeline.stages.store import _tar_member, shard_name, write_index
+    """Curated shards without the taken-down samples: tar members copied as they are, through the
+    store's own writer (fixed headers, so the bytes equal a fresh write of the rest)."""
+    from tokenizer.shards import atomic_open, iter_members, shard_name, tar_writer, write_index
 
     index = storage.read_json(storage.join(curated, "index.json"))
     entries = {e["shard"]: e for e in index["shards"]}
@@ -85,17 +83,13 @@ def _filter_store(curated: str, keys: frozenset[str]) -> list[str]:
         if not set(table.column("key").to_pylist()) & keys:
             continue
         tar_url = storage.join(curated, entry["tar"])
-        with fsspec.open(tar_url, "rb") as handle:
-            data = handle.read()
-        buf = io.BytesIO()
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as src, \
-                tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as dst:
-            for member in src:
-                if member.isfile() and member.name.split(".", 1)[0] not in keys:
-                    _tar_member(dst, member.name, src.extractfile(member).read())
         kept = table.filter(pa.array([k not in keys for k in table.column("key").to_pylist()]))
         if kept.num_rows:
-            storage.write_bytes(tar_url, buf.getvalue())
+            with atomic_open(tar_url, "wb") as handle, tar_writer(handle) as tar:
+                for name, data in iter_members(tar_url, max_member_bytes=None):
+                    key, _, ext = name.partition(".")
+                    if key not in keys:
+                        tar.write({"__key__": key, ext: data})
             storage.write_table(meta_url, kept)
             entries[entry["shard"]] = {**entry, "samples": kept.num_rows, "tar_sha256": storage.file_sha256(tar_url)}
         else:

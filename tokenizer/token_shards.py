@@ -183,20 +183,18 @@ def provenance_parquet(rows: Iterable[dict[str, Any]]) -> bytes:
 
 
 def webdataset_tar(arrays: Sequence[np.ndarray], rows: Sequence[dict[str, Any]]) -> bytes:
-    """A stock webdataset shard: `KEY.tokens.npy` (the sequence) + `KEY.json` (its provenance row)."""
-    import tarfile
+    """A stock webdataset shard: `KEY.tokens.npy` (the sequence) + `KEY.json` (its provenance row),
+    in that order, through the curated store's tar writer (`tokenizer.shards.tar_writer`)."""
+    from tokenizer.shards import tar_writer
 
     out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+    with tar_writer(out) as tar:
         for array, row in zip(arrays, rows):
             npy = io.BytesIO()
             np.save(npy, array, allow_pickle=False)
             meta = json.dumps(row, sort_keys=True, default=_json_default).encode()
             for suffix, data in (("tokens.npy", npy.getvalue()), ("json", meta)):
-                info = tarfile.TarInfo(f"{row['key']}.{suffix}")
-                info.size = len(data)
-                info.mtime = 0
-                tar.addfile(info, io.BytesIO(data))
+                tar.write({"__key__": row["key"], suffix: data})  # one member a call: keeps this order
     return out.getvalue()
 
 

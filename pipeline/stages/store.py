@@ -1,8 +1,9 @@
 """Write the curated store: webdataset tar shards + one metadata Parquet per shard.
 
-Records go to shard `stable_bucket(key, n)` where n = ceil(kept / samples_per_shard), are
-sorted by key inside a shard, and tar headers are fixed (mtime 0, root owner), so the same
-inputs and config give byte-identical shards; each file is written atomically.
+Records go to shard `stable_bucket(key, n)` where n = ceil(kept / samples_per_shard) and are
+sorted by key inside a shard. The format itself (sample fields, metadata schema, the tar
+writer with fixed headers, the reader) is `tokenizer.shards`, Beam-free; this module maps
+`Asset` records onto it and runs it under Beam.
 """
 
 from __future__ import annotations
@@ -10,45 +11,17 @@ from __future__ import annotations
 import io
 import json
 import math
-import tarfile
 from typing import Any, Iterable
 
 import apache_beam as beam
-import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.metrics import Metrics
 
 from pipeline import storage
 from pipeline.records import Asset
 from pipeline.stages.base import Stage
-
-METADATA_SCHEMA = pa.schema([
-    ("key", pa.string()),
-    ("asset_id", pa.string()),
-    ("shard", pa.int32()),
-    ("manifest_uri", pa.string()),
-    ("manifest_row", pa.int64()),
-    ("source_uri", pa.string()),
-    ("captions", pa.list_(pa.string())),
-    ("license_id", pa.string()),
-    ("license_name", pa.string()),
-    ("license_url", pa.string()),
-    ("licensor", pa.string()),
-    ("allowed_uses", pa.list_(pa.string())),
-    ("license_start", pa.string()),
-    ("license_expiry", pa.string()),
-    ("sha256", pa.string()),
-    ("pixel_sha256", pa.string()),
-    ("phash", pa.string()),
-    ("cluster_id", pa.string()),
-    ("source_format", pa.string()),
-    ("source_mode", pa.string()),
-    ("source_width", pa.int32()),
-    ("source_height", pa.int32()),
-    ("source_size", pa.int64()),
-    ("image_bytes", pa.int32()),
-    ("extra_json", pa.string()),
-])
+from tokenizer import shards as curated_format
+from tokenizer.shards import write_index
 
 
 def sample_json(asset: Asset, key: str, shard: int) -> dict[str, Any]:
@@ -76,84 +49,17 @@ def sample_json(asset: Asset, key: str, shard: int) -> dict[str, Any]:
     return meta
 
 
-def metadata_row(asset: Asset, key: str, shard: int, image_bytes: int) -> dict[str, Any]:
-    e = asset.entry
-    return {
-        "key": key,
-        "asset_id": asset.asset_id,
-        "shard": shard,
-        "manifest_uri": asset.manifest_uri,
-        "manifest_row": asset.manifest_row,
-        "source_uri": asset.source_uri,
-        "captions": list(asset.captions),
-        "license_id": e.license_id,
-        "license_name": e.license_name,
-        "license_url": e.license_url,
-        "licensor": e.licensor,
-        "allowed_uses": list(e.allowed_uses),
-        "license_start": e.license_start.isoformat() if e.license_start else None,
-        "license_expiry": e.license_expiry.isoformat() if e.license_expiry else None,
-        "sha256": asset.sha256,
-        "pixel_sha256": asset.pixel_sha256,
-        "phash": asset.phash,
-        "cluster_id": asset.cluster_id,
-        "source_format": asset.source_format,
-        "source_mode": asset.source_mode,
-        "source_width": asset.source_width,
-        "source_height": asset.source_height,
-        "source_size": asset.source_size,
-        "image_bytes": image_bytes,
-        "extra_json": extra_json(e),
-    }
-
-
 def extra_json(entry) -> str:
-    """The manifest's extra fields as JSON, plus its validated `objects` when it has some
-    (where an unknown `objects` field went before the field was known; rows without boxes
-    give the same bytes as before)."""
-    extra = dict(entry.extra)
-    if entry.objects:
-        extra["objects"] = [o.to_json() for o in entry.objects]
-    return json.dumps(extra, sort_keys=True)
-
-
-def shard_name(index: int, kind: str = "images", ext: str = "tar") -> str:
-    return f"{kind}-{index:06d}.{ext}"
-
-
-def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0
-    info.mode = 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    tar.addfile(info, io.BytesIO(data))
+    """The manifest's extra fields (and validated `objects`) as the metadata's `extra_json`."""
+    return curated_format.extra_json(entry.to_json())
 
 
 def write_shard(out_dir: str, shard: int, records: Iterable[tuple[str, Asset]]) -> dict[str, Any]:
-    """Write one tar + metadata Parquet; returns the shard's index entry."""
+    """Write one tar + metadata Parquet (`tokenizer.shards.write_shard`); returns the shard's index entry.
+    Images are read one at a time from staging, in key order."""
     ordered = sorted(records, key=lambda kv: kv[0])
-    tar_url = storage.join(out_dir, shard_name(shard))
-    rows = []
-    with storage.atomic_open(tar_url, "wb") as handle:
-        with tarfile.open(fileobj=handle, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            for key, asset in ordered:
-                image = asset.image_bytes()
-                _tar_member(tar, f"{key}.jpg", image)
-                meta = json.dumps(sample_json(asset, key, shard), sort_keys=True, ensure_ascii=False)
-                _tar_member(tar, f"{key}.json", meta.encode("utf-8"))
-                rows.append(metadata_row(asset, key, shard, len(image)))
-    table = pa.Table.from_pylist(rows, schema=METADATA_SCHEMA)
-    meta_url = storage.join(out_dir, shard_name(shard, "metadata", "parquet"))
-    storage.write_table(meta_url, table)
-    return {
-        "shard": shard,
-        "tar": shard_name(shard),
-        "metadata": shard_name(shard, "metadata", "parquet"),
-        "samples": len(ordered),
-        "tar_sha256": storage.file_sha256(tar_url),
-    }
+    return curated_format.write_shard(
+        out_dir, shard, ((key, asset.image_bytes(), sample_json(asset, key, shard)) for key, asset in ordered))
 
 
 class StageImages(beam.DoFn):
@@ -231,14 +137,6 @@ class WriteCuratedStore(beam.PTransform):
             | "CollectIndex" >> beam.combiners.ToList()
             | "WriteIndex" >> beam.Map(lambda shards: write_index(out_dir, shards))
         )
-
-
-def write_index(out_dir: str, shards: list[dict[str, Any]]) -> dict[str, Any]:
-    """`index.json`: every shard with its sample count and tar sha256 (readers start here)."""
-    ordered = sorted(shards, key=lambda s: s["shard"])
-    index = {"format": "webdataset", "samples": sum(s["samples"] for s in ordered), "shards": ordered}
-    storage.write_json(storage.join(out_dir, "index.json"), index)
-    return index
 
 
 def asset_from_sample(meta: dict[str, Any], jpeg: bytes) -> Asset:

@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from pipeline import storage
-from pipeline.config import ClipConfig, ClipTrainConfig
+from pipeline.config import ClipConfig, ClipTrainConfig, DecodeConfig
+from pipeline.stages.decode import decode_image
 from pipeline.clip import (
     BUILTIN_ARCHS,
     ClipEmbedder,
@@ -31,6 +30,7 @@ from pipeline.clip import (
     train_clip,
 )
 from pipeline.clip.train import contrastive_loss
+from tokenizer.shards import write_shard
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_IMAGES = REPO / "manifests" / "demo" / "images"
@@ -49,38 +49,29 @@ def demo_pairs() -> list[tuple[str, Path, list[str]]]:
     return sorted(pairs)
 
 
-def normalised_jpeg(path: Path, size: int = 256) -> bytes:
-    """What ingest stores: RGB, 256×256, JPEG."""
-    img = Image.open(path).convert("RGB").resize((size, size), Image.BICUBIC)
-    buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=90)
-    return buf.getvalue()
+def curated_jpeg(path: Path) -> bytes:
+    """What the pipeline stores for a photo: its own decode and normalisation (256² centre crop, JPEG)."""
+    return decode_image(path.read_bytes(), DecodeConfig(), hash_kind=None).jpeg
 
 
-def write_curated_shard(url: str, samples: list[tuple[str, bytes, list[str]]]) -> str:
-    """A webdataset shard like the curated store's: KEY.jpg + KEY.json, sorted by key."""
-    rows = sorted((storage.asset_key(a), a, jpg, caps) for a, jpg, caps in samples)
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for key, asset_id, jpg, caps in rows:
-            meta = json.dumps({"asset_id": asset_id, "key": key, "captions": caps,
-                               "license_id": "CC-BY-4.0", "cluster_id": None}).encode()
-            for name, data in ((f"{key}.jpg", jpg), (f"{key}.json", meta)):
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    storage.write_bytes(url, buf.getvalue())
-    return url
+def write_curated_shard(out_dir: str, shard: int, samples: list[tuple[str, bytes, list[str]]]) -> str:
+    """`out_dir/images-NNNNNN.tar` (+ its metadata Parquet) from (asset_id, jpeg, captions), through
+    the store's writer; returns the tar's path."""
+    keyed = sorted((storage.asset_key(a), a, jpg, caps) for a, jpg, caps in samples)
+    entry = write_shard(out_dir, shard, (
+        (key, jpg, {"asset_id": a, "key": key, "shard": shard, "captions": caps, "license_id": "CC-BY-4.0",
+                    "cluster_id": None}) for key, a, jpg, caps in keyed))
+    return f"{out_dir}/{entry['tar']}"
 
 
 def demo_corpus(base: Path) -> tuple[list[str], list[tuple[str, bytes, list[str]]]]:
     """The demo photos as two curated shards (cached in `base`) and the in-memory samples."""
-    samples = [(a, normalised_jpeg(p), caps) for a, p, caps in demo_pairs()]
+    samples = [(a, curated_jpeg(p), caps) for a, p, caps in demo_pairs()]
     half = len(samples) // 2
     urls = [str(base / f"images-{i:06d}.tar") for i in range(2)]
     if not all(Path(u).exists() for u in urls):
-        write_curated_shard(urls[0], samples[:half])
-        write_curated_shard(urls[1], samples[half:])
+        write_curated_shard(str(base), 0, samples[:half])
+        write_curated_shard(str(base), 1, samples[half:])
     return urls, samples
 
 
@@ -115,7 +106,7 @@ def auc(pos: np.ndarray, neg: np.ndarray) -> float:
 
 
 def test_streaming_reader_groups_members_by_key(tmp_path):
-    url = write_curated_shard(str(tmp_path / "s.tar"), [("a", b"jpg-a", ["x"]), ("b", b"jpg-b", ["y", "z"])])
+    url = write_curated_shard(str(tmp_path), 0, [("a", b"jpg-a", ["x"]), ("b", b"jpg-b", ["y", "z"])])
     got = {s["meta"]["asset_id"]: (s["jpg"], s["meta"]["captions"]) for s in iter_curated_samples([url])}
     assert got == {"a": (b"jpg-a", ["x"]), "b": (b"jpg-b", ["y", "z"])}
 

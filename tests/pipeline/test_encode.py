@@ -16,7 +16,9 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from pipeline.records import RejectReason
 from pipeline.stages.encode import EncodeConfig, EncodeImages, encode_curated_store
-from tokenizer.shards import iter_code_rows, normalise_photo, write_image_shards
+from pipeline.config import DecodeConfig
+from pipeline.stages.decode import decode_image
+from tokenizer.shards import iter_code_rows, write_store
 from tokenizer.vq.config import VQConfig
 from tokenizer.vq.model import VQModel, load_vq, save_vq
 
@@ -42,7 +44,8 @@ def photos() -> list[tuple[str, bytes, dict]]:
     for p in paths:
         asset_id = f"coco-{p.stem}"
         key = hashlib.sha256(asset_id.encode()).hexdigest()[:16]
-        out.append((key, normalise_photo(str(p)), {"asset_id": asset_id, "key": key, "captions": ["x"], "license_id": "CC-BY-2.0"}))
+        jpeg = decode_image(p.read_bytes(), DecodeConfig(), hash_kind=None).jpeg  # what the pipeline stores
+        out.append((key, jpeg, {"asset_id": asset_id, "key": key, "captions": ["x"], "license_id": "CC-BY-2.0"}))
     return out
 
 
@@ -92,7 +95,7 @@ def test_encode_config_is_validated(tmp_path):
 @pytest.mark.slow
 def test_encode_curated_store_writes_sorted_deterministic_parquet(tmp_path, model_path, photos):
     curated = tmp_path / "curated"
-    write_image_shards(photos, str(curated), per_shard=4)
+    write_store(photos, str(curated), per_shard=4)
     res1 = encode_curated_store(str(curated), model_path, str(tmp_path / "out1"), batch_size=3)
     res2 = encode_curated_store(str(curated), model_path, str(tmp_path / "out2"), batch_size=5, num_shards=3)
     assert res1["counters"]["in"] == res1["counters"]["kept"] == len(photos) and res1["rejected"] == 0

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from tokenizer.shards import normalise_photo, write_image_shards
+from pipeline.config import DecodeConfig
+from pipeline.stages.decode import decode_image
+from tokenizer.shards import write_store
 from tokenizer.vq.config import VQConfig
 from tokenizer.vq.model import VQModel
 
@@ -83,8 +85,9 @@ def _curated(tmp_path_factory, photos: list[Path], captions: dict[str, dict], n:
         asset_id = f"coco-{p.stem}"
         key = hashlib.sha256(asset_id.encode()).hexdigest()[:16]
         caps = captions[p.name]["captions"]  # every demo photo has its manifest row: a missing one fails here
-        samples.append((key, normalise_photo(str(p)), {"asset_id": asset_id, "key": key, "captions": caps, "license_id": "CC-BY-2.0"}))
-    urls = write_image_shards(samples, str(out), per_shard=per_shard)
+        jpeg = decode_image(p.read_bytes(), DecodeConfig(), hash_kind=None).jpeg  # what the pipeline stores
+        samples.append((key, jpeg, {"asset_id": asset_id, "key": key, "captions": caps, "license_id": "CC-BY-2.0"}))
+    urls = write_store(samples, str(out), per_shard=per_shard)
     return {"dir": str(out), "urls": urls, "samples": sorted(samples, key=lambda s: s[0])}
 
 

@@ -15,7 +15,9 @@ import torch
 from PIL import Image
 
 from tokenizer.cm3 import CM3Format, build_document, build_sequence, sequence_documents
-from tokenizer.shards import normalise_photo, write_image_shards
+from pipeline.config import DecodeConfig
+from pipeline.stages.decode import decode_image
+from tokenizer.shards import write_store
 from tokenizer.vq.config import VQConfig
 from tokenizer.vq.model import VQModel, save_vq
 from trainer.kv_cache import CachedLM
@@ -276,8 +278,8 @@ def test_run_models_are_checked_against_each_other(run_out, vocab, tmp_path):
 
 
 def test_resolution_from_curated_images_without_run_json(tmp_path):
-    jpeg = normalise_photo(str(PHOTO), size=24)
-    write_image_shards([("k1", jpeg, {"key": "k1"})], str(tmp_path / "curated"))
+    jpeg = decode_image(PHOTO.read_bytes(), DecodeConfig(resolution=24), hash_kind=None).jpeg
+    write_store([("k1", jpeg, {"key": "k1"})], str(tmp_path / "curated"))
     assert curated_decode_settings(str(tmp_path)) == (24, 95)
     (tmp_path / "run.json").write_text(json.dumps({"config": {"decode": {"resolution": 128, "jpeg_quality": 90}}}))
     assert curated_decode_settings(str(tmp_path)) == (128, 90)
