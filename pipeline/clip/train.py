@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import storage
+from pipeline.alignment_filter import fold_of
 from pipeline.clip.model import build_model, build_preprocess, build_tokenizer, model_config, read_state_dict, registry_name, resolve_device
 from pipeline.config import ClipConfig, ClipTrainConfig
 from tokenizer.shards import decode_rgb
@@ -38,9 +39,11 @@ def iter_curated_samples(shard_urls: Iterable[str]) -> Iterator[dict[str, Any]]:
             yield {"key": sample.key, "jpg": sample.jpeg, "meta": sample.meta}
 
 
-def _training_pairs(shard_urls: Sequence[str], buffer: int, rng: random.Random) -> Iterator[tuple[bytes, str]]:
+def _training_pairs(shard_urls: Sequence[str], buffer: int, rng: random.Random,
+                    holdout: tuple[int, int] | None = None) -> Iterator[tuple[bytes, str]]:
     """Endless (jpg, caption) pairs: epochs over the shards in a seeded order, a shuffle
-    buffer like webdataset's, a random caption per draw (every caption gets used)."""
+    buffer like webdataset's, a random caption per draw (every caption gets used).
+    `holdout=(k, K)` skips the assets of fold k of K (`alignment_filter.fold_of`)."""
     pool: list[dict[str, Any]] = []
     while True:
         urls = list(shard_urls)
@@ -49,6 +52,8 @@ def _training_pairs(shard_urls: Sequence[str], buffer: int, rng: random.Random) 
         for sample in iter_curated_samples(urls):
             captions = [c for c in sample["meta"].get("captions") or [] if c]
             if not captions:
+                continue
+            if holdout is not None and fold_of(str(sample["meta"].get("asset_id", sample["key"])), holdout[1]) == holdout[0]:
                 continue
             seen += 1
             pool.append({"jpg": sample["jpg"], "captions": captions})
@@ -108,17 +113,23 @@ def contrastive_loss() -> torch.nn.Module:
     return TransposedClipLoss()
 
 
-def train_clip(cfg: ClipConfig, train_cfg: ClipTrainConfig, shard_urls: Sequence[str], out_dir: str) -> dict[str, Any]:
+def train_clip(cfg: ClipConfig, train_cfg: ClipTrainConfig, shard_urls: Sequence[str], out_dir: str,
+               holdout: tuple[int, int] | None = None) -> dict[str, Any]:
     """Train a CLIP of `cfg.arch` contrastively on curated shards; write `clip.safetensors`
     and `clip.json` (model config + training summary) to `out_dir`.
 
     Resumable: `out_dir/checkpoint.pt` (model + optimiser + step, read with weights_only) is
     written every `checkpoint_every` steps; a rerun continues from it. Stops at `max_steps`
     or after `max_minutes` (the LR schedule then follows the clock, so a time-budgeted run
-    is not step-deterministic). Returns the summary that goes into `clip.json`."""
+    is not step-deterministic). Returns the summary that goes into `clip.json`.
+
+    `holdout=(k, K)` trains without the assets of fold k of K, for out-of-fold scoring (each
+    row scored by a model that never saw it); None (the default) trains on every asset."""
     from safetensors.torch import save as save_safetensors
     from tqdm import tqdm
 
+    if holdout is not None and not (holdout[1] >= 2 and 0 <= holdout[0] < holdout[1]):
+        raise ValueError(f"holdout must be (k, K) with K >= 2 and 0 <= k < K, got {holdout}")
     if train_cfg.num_threads:
         torch.set_num_threads(train_cfg.num_threads)
     torch.manual_seed(train_cfg.seed)
@@ -144,6 +155,9 @@ def train_clip(cfg: ClipConfig, train_cfg: ClipTrainConfig, shard_urls: Sequence
     if storage.exists(ckpt_url):
         with fsspec.open(ckpt_url, "rb") as f:
             ckpt = torch.load(io.BytesIO(f.read()), map_location=device, weights_only=True)
+        if ckpt.get("holdout") != (list(holdout) if holdout is not None else None):
+            raise ValueError(f"{ckpt_url} was written with holdout {ckpt.get('holdout')}, not {holdout}: "
+                             "use another out_dir per fold")
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         step, losses = int(ckpt["step"]), list(ckpt.get("losses", []))
@@ -151,12 +165,14 @@ def train_clip(cfg: ClipConfig, train_cfg: ClipTrainConfig, shard_urls: Sequence
 
     def save_checkpoint() -> None:
         buf = io.BytesIO()
-        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                    "losses": losses}, buf)
+        state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "losses": losses}
+        if holdout is not None:
+            state["holdout"] = list(holdout)
+        torch.save(state, buf)
         storage.write_bytes(ckpt_url, buf.getvalue())
 
     # The data stream is re-seeded from the step so a resumed run does not replay epoch 1.
-    pairs = _training_pairs(list(shard_urls), train_cfg.shuffle_buffer, random.Random(train_cfg.seed * 1_000_003 + step))
+    pairs = _training_pairs(list(shard_urls), train_cfg.shuffle_buffer, random.Random(train_cfg.seed * 1_000_003 + step), holdout)
     start, stopped_by = time.monotonic(), "max_steps"
     model.train()
     bar = tqdm(total=train_cfg.max_steps, initial=step, desc="train-clip", disable=not train_cfg.progress)
@@ -201,6 +217,8 @@ def train_clip(cfg: ClipConfig, train_cfg: ClipTrainConfig, shard_urls: Sequence
         "seconds": round(time.monotonic() - start, 1),
         "shards": list(shard_urls),
     }
+    if holdout is not None:  # absent by default, so a run without folds writes the same clip.json
+        summary["holdout"] = {"fold": holdout[0], "folds": holdout[1]}
     storage.write_bytes(f"{out_dir}/clip.json", json.dumps(summary, indent=2).encode())
     log.info("CLIP trained: %d steps, loss %.3f -> %.3f", step, summary["first_loss"] or 0, summary["final_loss"] or 0)
     return summary
