@@ -26,6 +26,8 @@ from typing import Any, Callable, Iterator, TextIO
 
 import apache_beam as beam
 
+from pipeline import storage
+
 
 @dataclass(frozen=True)
 class Progress:
@@ -56,11 +58,8 @@ class Ticker:
     def flush(self) -> None:
         if not self.enabled:
             return
-        tmp = f"{self.path}.tmp"
         try:
-            with open(tmp, "w") as handle:
-                handle.write(str(self.count))
-            os.replace(tmp, self.path)
+            storage.write_bytes(self.path, str(self.count).encode())
         except OSError:
             self.enabled = False  # progress is a courtesy: never fail a step for it
         self._written = time.monotonic()
@@ -85,7 +84,7 @@ class Monitor:
         folder = os.path.join(self.root, self.step)
         total = 0
         for name in os.listdir(folder):
-            if name.endswith(".n"):
+            if name.endswith(".n") and not name.startswith(".tmp-"):  # not one being written
                 try:
                     with open(os.path.join(folder, name)) as handle:
                         total += int(handle.read() or 0)

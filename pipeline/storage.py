@@ -1,21 +1,22 @@
 """Output paths on any fsspec filesystem: atomic writes, listing, removal, stable keys.
 
 A file is written under a temporary name in the same folder and renamed when complete,
-so a reader (or a resumed run) never sees half a shard.
+so a reader (or a resumed run) never sees half a shard. The one atomic writer,
+`atomic_open`, lives in `tokenizer.shards` (Beam-free, so `tokenizer/` and `trainer/` use it
+too); it is re-exported here for the pipeline.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
 import re
-import uuid
-from typing import IO, Any, Iterator
+from typing import IO, Any
 
 import fsspec
 from fsspec.core import url_to_fs
+
+from tokenizer.shards import atomic_open, write_bytes_atomic  # noqa: F401  (atomic_open: re-exported)
 
 
 def join(base: str, *parts: str) -> str:
@@ -34,30 +35,9 @@ def stable_bucket(key: str, buckets: int) -> int:
     return int.from_bytes(digest, "big") % buckets
 
 
-@contextlib.contextmanager
-def atomic_open(url: str, mode: str = "wb") -> Iterator[IO[Any]]:
-    """Open `url` for writing; the data appears under its name only when the block exits cleanly."""
-    fs, path = url_to_fs(url)
-    parent = path.rsplit("/", 1)[0] if "/" in path else ""
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{path.rsplit('/', 1)[-1]}" if parent else f".tmp-{uuid.uuid4().hex}"
-    try:
-        with fs.open(tmp, mode) as handle:
-            yield handle
-        if getattr(fs, "protocol", None) in ("file", ("file", "local")) or fs.__class__.__name__ == "LocalFileSystem":
-            os.replace(tmp, path)
-        else:
-            fs.mv(tmp, path)
-    except BaseException:
-        with contextlib.suppress(Exception):
-            fs.rm(tmp)
-        raise
-
-
 def write_bytes(url: str, data: bytes) -> None:
-    with atomic_open(url, "wb") as handle:
-        handle.write(data)
+    """`data` as the whole file `url`, atomically (`tokenizer.shards.write_bytes_atomic`)."""
+    write_bytes_atomic(url, data)
 
 
 def write_json(url: str, value: Any) -> None:

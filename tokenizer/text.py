@@ -22,6 +22,8 @@ from typing import Iterable, Iterator
 import fsspec
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from tokenizer.shards import write_bytes_atomic
+
 log = logging.getLogger(__name__)
 
 PAD, BOS, EOS, BREAK, IMG_BEGIN, IMG_END = "<pad>", "<bos>", "<eos>", "<break>", "<img>", "</img>"
@@ -106,12 +108,7 @@ def captions_from_shards(urls: Iterable[str]) -> Iterator[str]:
 
 
 def save_bpe(tok: Tokenizer, url: str) -> None:
-    fs, path = fsspec.core.url_to_fs(url)
-    parent = path.rsplit("/", 1)[0] if "/" in path else "."
-    fs.makedirs(parent, exist_ok=True)
-    with fs.open(path + ".tmp", "w") as f:
-        f.write(tok.to_str(pretty=False))
-    fs.mv(path + ".tmp", path)
+    write_bytes_atomic(url, tok.to_str(pretty=False).encode("utf-8"))
 
 
 def load_bpe(url: str) -> Tokenizer:

@@ -21,6 +21,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from tokenizer import text as text_bpe
+from tokenizer.shards import write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -186,10 +187,7 @@ class JointVocab:
         }
 
     def save(self, url: str) -> None:
-        fs, path = fsspec.core.url_to_fs(url)
-        with fs.open(path + ".tmp", "w") as f:
-            f.write(json.dumps(self.to_json(), indent=2, sort_keys=True))
-        fs.mv(path + ".tmp", path)
+        write_bytes_atomic(url, json.dumps(self.to_json(), indent=2, sort_keys=True).encode("utf-8"))
 
     @classmethod
     def load(cls, url: str, with_text: bool = True) -> "JointVocab":

@@ -21,7 +21,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
 
-from tokenizer.vq.model import write_bytes_atomic
+from tokenizer.shards import write_bytes_atomic
 from trainer.config import LMConfig, get_lm_config, lm_config_names
 from trainer.data import document_attention_mask
 

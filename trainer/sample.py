@@ -38,7 +38,8 @@ from trainer.config import SampleConfig  # noqa: F401  (re-exported: the samplin
 from tokenizer.cm3 import CM3Format, build_document, build_sequence, sequence_documents
 from tokenizer.text import mask_token
 from tokenizer.vocab import SPECIAL_NAMES, JointVocab
-from tokenizer.vq.model import VQModel, load_vq, write_bytes_atomic
+from tokenizer.shards import write_bytes_atomic
+from tokenizer.vq.model import VQModel, load_vq
 from trainer.kv_cache import CachedLM
 from trainer.model import CM3LM, load_lm
 

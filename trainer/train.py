@@ -34,7 +34,7 @@ from safetensors.torch import save as save_safetensors_bytes
 from tqdm.auto import tqdm
 
 from tokenizer.cm3 import MaskConfig
-from tokenizer.vq.model import write_bytes_atomic
+from tokenizer.shards import write_bytes_atomic
 from trainer.config import LMConfig, TrainLMConfig, add_train_lm_flags, get_lm_config, train_lm_overrides
 from trainer.data import Batch, ShardLoader
 from trainer.model import CM3LM, save_lm

@@ -187,12 +187,9 @@ def _write_codes_shard(item: tuple[int, Iterable[dict[str, Any]]], out_dir: str)
         schema=schema,
     )
     url = f"{out_dir.rstrip('/')}/codes-{idx:06d}.parquet"
-    fs, path = fsspec.core.url_to_fs(url)
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
-    with fs.open(path + ".tmp", "wb") as f:
-        f.write(buf.getvalue())
-    fs.mv(path + ".tmp", path)
+    storage.write_bytes(url, buf.getvalue())
     return url
 
 

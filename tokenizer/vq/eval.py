@@ -9,13 +9,12 @@ import logging
 import math
 from typing import Any, Iterable
 
-import fsspec
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from tokenizer.shards import CuratedSample
+from tokenizer.shards import CuratedSample, atomic_open, write_bytes_atomic
 from tokenizer.vq.model import VQModel
 
 log = logging.getLogger(__name__)
@@ -135,10 +134,9 @@ def save_grid(pairs: list[tuple[np.ndarray, np.ndarray]], url: str, gap: int = 4
     for i, (orig, rec) in enumerate(pairs):
         grid.paste(Image.fromarray(orig), (i * (w + gap), 0))
         grid.paste(Image.fromarray(rec), (i * (w + gap), h + gap))
-    with fsspec.open(url, "wb") as f:
+    with atomic_open(url, "wb") as f:
         grid.save(f, format="PNG")
 
 
 def write_eval(metrics: dict[str, Any], url: str) -> None:
-    with fsspec.open(url, "w") as f:
-        f.write(json.dumps(metrics, indent=2, sort_keys=True))
+    write_bytes_atomic(url, json.dumps(metrics, indent=2, sort_keys=True).encode("utf-8"))

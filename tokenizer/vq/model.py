@@ -19,6 +19,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
 
+from tokenizer.shards import write_bytes_atomic
 from tokenizer.vq.config import VQConfig
 from tokenizer.vq.quantizer import FactorizedQuantizer, QuantizerOutput
 
@@ -180,18 +181,6 @@ def _resolve_weights_path(path_or_url: str) -> str:
     if path_or_url.endswith(".safetensors"):
         return path_or_url
     return path_or_url.rstrip("/") + "/vq.safetensors"
-
-
-def write_bytes_atomic(url: str, data: bytes) -> None:
-    """Write to `<url>.tmp` then rename, so a reader never sees a half-written checkpoint."""
-    fs, path = fsspec.core.url_to_fs(url)
-    parent = path.rsplit("/", 1)[0] if "/" in path else ""
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    tmp = path + ".tmp"
-    with fs.open(tmp, "wb") as f:
-        f.write(data)
-    fs.mv(tmp, path)
 
 
 def save_vq(model: VQModel, path_or_url: str, extra_meta: dict[str, Any] | None = None) -> str:

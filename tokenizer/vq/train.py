@@ -24,11 +24,11 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 from tqdm.auto import tqdm
 
-from tokenizer.shards import HELDOUT_PERCENT, iter_samples, iter_shard, is_heldout, list_shards
+from tokenizer.shards import HELDOUT_PERCENT, iter_samples, iter_shard, is_heldout, list_shards, write_bytes_atomic
 from tokenizer.vq.config import TrainVQConfig, VQConfig, get_config
 from tokenizer.vq.eval import evaluate, save_grid, write_eval
 from tokenizer.vq.losses import build_discriminator, build_perceptual, hinge_d_loss, reconstruction_loss
-from tokenizer.vq.model import VQModel, write_bytes_atomic, load_vq, read_vq_meta, save_vq
+from tokenizer.vq.model import VQModel, load_vq, read_vq_meta, save_vq
 
 log = logging.getLogger(__name__)
 
