@@ -168,7 +168,7 @@ def write_shard(out_dir: str, shard: int, samples: Iterable[tuple[str, bytes, di
                 if rows and key < rows[-1]["key"]:
                     raise ValueError(f"shard {shard}: samples must come sorted by key ({key} after {rows[-1]['key']})")
                 tar.write({"__key__": key, "jpg": jpeg, "json": sample_json_bytes(meta)})
-                rows.append(metadata_row({**meta, "key": key}, len(jpeg)))
+                rows.append(metadata_row({**meta, "key": key, "shard": shard}, len(jpeg)))
     with atomic_open(f"{out_dir.rstrip('/')}/{shard_name(shard, 'metadata', 'parquet')}", "wb") as handle:
         pq.write_table(pa.Table.from_pylist(rows, schema=METADATA_SCHEMA), handle, compression="zstd")
     return {"shard": shard, "tar": shard_name(shard), "metadata": shard_name(shard, "metadata", "parquet"),

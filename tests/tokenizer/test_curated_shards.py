@@ -96,6 +96,9 @@ def test_written_shard_reads_back_with_its_metadata_parquet(tmp_path):
     assert [r["image_bytes"] for r in rows] == [len(s[1]) for s in samples]
     assert json.loads(rows[1]["extra_json"]) == {"b": 1, "objects": [{"label": "dog", "bbox": [1, 2, 3, 4]}]}
     assert rows[0]["extra_json"] == '{"b": 1}' and rows[0]["manifest_row"] is None  # absent -> null
+    unnumbered = [(k, jpeg, {f: v for f, v in meta.items() if f != "shard"}) for k, jpeg, meta in samples]
+    write_shard(str(tmp_path), 5, unnumbered)  # the Parquet's shard is the shard written, not what the JSON says
+    assert set(pq.read_table(tmp_path / "metadata-000005.parquet").column("shard").to_pylist()) == {5}
 
 
 def test_writer_refuses_samples_out_of_key_order(tmp_path):
