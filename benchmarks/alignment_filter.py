@@ -40,7 +40,7 @@ SCENARIOS = [  # (name, pi, good mean, good sd, mismatched mean, mismatched sd)
 
 
 def simulate(seeds: int, budget: float = 0.02, draws: int = 5) -> None:
-    print(f"| scenario | rows | filters | false rejects: mean / p95 / max | catch: mean |")
+    print("| scenario | rows | filters | false rejects: mean / p95 / max | catch: mean |")
     print("|---|---|---|---|---|")
     for name, pi, gm, gs, mm, ms in SCENARIOS:
         for n in (300, 3000):
