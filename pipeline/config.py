@@ -176,6 +176,7 @@ class DedupConfig:
     pixel_exact: bool = True  # same decoded pixels under another encoding (jpg/png/webp)
     near: bool = True
     hamming_radius: int = 8  # measured on real photos: see docs/dedup.md
+    mirror: bool = True  # also match a horizontally mirrored copy (a second hash, of the mirrored frame)
     hash_kind: str = "phash"
     hash_input: str = "auto"  # auto: an upstream phash, else source bytes, else the normalised image
     bucket_cap: int = 256  # band buckets above this are searched recursively, never pairwise
@@ -189,6 +190,8 @@ class DedupConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.hamming_radius, int) or not 0 <= self.hamming_radius <= 32:
             raise ConfigError(f"hamming_radius must be an int in [0, 32], got {self.hamming_radius!r}")
+        if not isinstance(self.mirror, bool):
+            raise ConfigError(f"mirror must be true or false, got {self.mirror!r}")
         if self.hash_kind not in dedup_hash.HASH_KINDS:
             raise ConfigError(f"hash_kind must be one of {dedup_hash.HASH_KINDS}, got {self.hash_kind!r}")
         if self.hash_input not in HASH_INPUTS:

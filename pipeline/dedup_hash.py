@@ -13,6 +13,7 @@ from PIL import Image
 
 HASH_BITS = 64
 HASH_KINDS = ("phash", "dhash")
+_THUMBNAIL = {"phash": (32, 32), "dhash": (9, 8)}  # what imagehash shrinks to (hash_size 8)
 
 
 def image_hash(image: Image.Image, kind: str = "phash") -> int:
@@ -32,9 +33,26 @@ def image_hash(image: Image.Image, kind: str = "phash") -> int:
     return int(str(h), 16)
 
 
+def image_hashes(image: Image.Image, kind: str = "phash") -> tuple[int, int]:
+    """(hash, mirror hash): the image's hash and its horizontally mirrored frame's, for
+    flip-invariant near dedup (docs/dedup.md). Both come from one grey thumbnail, the one
+    imagehash shrinks to: the first equals `image_hash(image)` bit for bit, the second is the
+    hash of the mirrored thumbnail (one resize for both, not a second full-frame resize)."""
+    if kind not in _THUMBNAIL:
+        raise ValueError(f"unknown hash kind {kind!r}; expected one of {HASH_KINDS}")
+    thumb = image.convert("L").resize(_THUMBNAIL[kind], Image.Resampling.LANCZOS)
+    return image_hash(thumb, kind), image_hash(thumb.transpose(Image.Transpose.FLIP_LEFT_RIGHT), kind)
+
+
 def image_hash_from_bytes(data: bytes, kind: str = "phash") -> int:
-    """Hash encoded image bytes. JPEG `draft` decodes at reduced scale: the hash only looks
-    at a 32x32 (pHash) or 9x8 (dHash) thumbnail, so full-resolution decoding is wasted work."""
+    """Hash encoded image bytes (see `image_hashes_from_bytes`)."""
+    return image_hashes_from_bytes(data, kind)[0]
+
+
+def image_hashes_from_bytes(data: bytes, kind: str = "phash") -> tuple[int, int]:
+    """(hash, mirror hash) of encoded image bytes. JPEG `draft` decodes at reduced scale: the
+    hash only looks at a 32x32 (pHash) or 9x8 (dHash) thumbnail, so full-resolution decoding
+    is wasted work."""
     with Image.open(io.BytesIO(data)) as img:
         if img.format == "JPEG":
             img.draft("RGB", (256, 256))
@@ -46,7 +64,7 @@ def image_hash_from_bytes(data: bytes, kind: str = "phash") -> int:
                 background = Image.new("RGB", img.size, (255, 255, 255))
                 background.paste(img, mask=img.getchannel("A"))
                 img = background
-        return image_hash(img, kind)
+        return image_hashes(img, kind)
 
 
 def hash_to_hex(value: int) -> str:

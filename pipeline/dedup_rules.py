@@ -25,7 +25,7 @@ from typing import Any, Iterable, NamedTuple
 
 import numpy as np
 
-from pipeline import dedup_cluster, dedup_hash, dedup_semantic
+from pipeline import dedup_cluster, dedup_hash, dedup_search, dedup_semantic
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +166,7 @@ class Row(NamedTuple):
     asset_id: str
     value: Any
     rank: tuple[int, int, str]
+    mirror: int | None = None  # near, with dedup.mirror: the hash of the horizontally mirrored frame
 
 
 class _Cluster(NamedTuple):
@@ -198,7 +199,12 @@ def _clusters(ids: list[str], n_prev: int, label: np.ndarray, rep: np.ndarray, d
 def near_decisions(rows: list[Row], previous: list[PreviousAsset], radius: int, cap: int, engine: str = "auto",
                    threads: int | None = None) -> Iterable[Decision]:
     """Cluster the delivery's perceptual hashes (plus the previous run's, which rank first);
-    a decision for every asset in a cluster of more than one."""
+    a decision for every asset in a cluster of more than one.
+
+    A row's mirror hash (`Row.mirror`) is searched as one more hash of the same asset, so two
+    assets are near duplicates when d(h_a, h_b) <= r or d(h_a, mirror_b) <= r (or the other
+    way round): a horizontally flipped copy matches through its mirror. Previous-run assets
+    have only their hash; the delivery's mirrors are searched against it too."""
     prev, prev_values = [], []
     for p in previous:
         try:
@@ -210,18 +216,48 @@ def near_decisions(rows: list[Row], previous: list[PreviousAsset], radius: int, 
         log.warning("near-dup: %d previous-run rows have no usable phash", len(previous) - len(prev))
     rows = sorted(rows, key=lambda r: r.asset_id)
     ids = [p.asset_id for p in prev] + [r.asset_id for r in rows]
+    n = len(ids)
+    if n == 0:
+        return
     hashes = np.asarray(prev_values + [r.value for r in rows], dtype=np.uint64)
+    with_mirror = np.asarray([len(prev) + k for k, r in enumerate(rows) if r.mirror is not None], dtype=np.int64)
+    mirror = hashes.copy()  # an asset without a mirror hash stands in for itself (adds no pair)
+    mirror[with_mirror] = np.asarray([r.mirror for r in rows if r.mirror is not None], dtype=np.uint64)
     prio = np.concatenate([np.arange(len(prev)), len(prev) + _priority([r.rank for r in rows])])
-    result = dedup_cluster.cluster(hashes, radius, prio, cap, engine=engine, threads=threads)
-    log.info("near-dup: %d hashes (%d previous), %d duplicates, candidates=%d huge_buckets=%d recursions=%d",
-             len(hashes), len(prev), len(result.duplicates()), result.stats.candidates,
-             result.stats.huge_buckets, result.stats.recursions)
-    for aid, c in _clusters(ids, len(prev), result.label, result.representative, result.distance_to_rep):
+    label, rep, stats = _near_clusters(hashes, mirror[with_mirror], with_mirror, prio, radius, cap, engine, threads)
+    plain = dedup_hash.hamming(hashes, hashes[rep]).astype(np.int64)
+    flipped = np.minimum(dedup_hash.hamming(hashes, mirror[rep]), dedup_hash.hamming(mirror, hashes[rep])).astype(np.int64)
+    distance = np.minimum(plain, flipped)
+    mirrored = {ids[k] for k in np.flatnonzero(flipped < plain)}
+    log.info("near-dup: %d hashes (%d previous, %d mirrors), %d duplicates, candidates=%d huge_buckets=%d "
+             "recursions=%d", n, len(prev), len(with_mirror), int(np.sum(rep != np.arange(n))), stats.candidates,
+             stats.huge_buckets, stats.recursions)
+    for aid, c in _clusters(ids, len(prev), label, rep, distance):
         where = "a previous-run asset" if c.from_previous else "the cluster representative"
+        how = " mirrored (a horizontal flip)" if aid in mirrored else ""
         detail = "" if c.dup_of is None else (
-            f"pHash Hamming distance {int(c.distance)} to {where} {c.dup_of} "
+            f"pHash Hamming distance {int(c.distance)} to {where} {c.dup_of}{how} "
             f"(cluster of {c.cluster_size}, radius {radius})")
         yield Decision(aid, c.cluster_id, c.dup_of, detail)
+
+
+def _near_clusters(hashes: np.ndarray, mirrors: np.ndarray, mirror_owner: np.ndarray, prio: np.ndarray, radius: int,
+                   cap: int, engine: str, threads: int | None) -> tuple[np.ndarray, np.ndarray, dedup_search.SearchStats]:
+    """(label, representative, stats) per asset: the exact radius search over the assets' hashes
+    and mirror hashes together, each mirror row counted as the asset that owns it (self pairs
+    dropped), identical values linked, then single-linkage components (dedup_cluster)."""
+    n = len(hashes)
+    h = np.concatenate([hashes, mirrors]).astype(np.uint64)
+    owner = np.concatenate([np.arange(n, dtype=np.int64), mirror_owner])
+    stats = dedup_search.SearchStats()
+    uniq, first_row, inverse = np.unique(h, return_index=True, return_inverse=True)
+    pairs = dedup_search.find_pairs_of_unique(h, uniq, first_row, radius, cap, stats, engine, threads)
+    i = owner[np.r_[pairs.i, first_row[inverse]]]  # found pairs, then each row to the first row of its value
+    j = owner[np.r_[pairs.j, np.arange(len(h))]]
+    other = i != j
+    label, rep = dedup_cluster.cluster_pairs(n, dedup_search.Pairs(i[other], j[other], np.zeros(int(other.sum()))),
+                                             prio)
+    return label, rep, stats
 
 
 def semantic_decisions(rows: list[Row], threshold: float) -> Iterable[Decision]:

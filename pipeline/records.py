@@ -116,6 +116,7 @@ class Asset:
     pixel_sha256: str | None = None  # of the normalised pixels, for cross-encoding exact dedup
     # dedup / alignment (filled by later stages)
     phash: str | None = None
+    phash_mirror: str | None = None  # hash of the mirrored frame (dedup.mirror); reaches Decide, not the store
     cluster_id: str | None = None
     dup_of: str | None = None
     clip_score: float | None = None

@@ -37,6 +37,7 @@ class DecodedImage:
     height: int
     mode: str
     phash: str | None = None  # perceptual hash of the full frame (16 hex), for near-dedup
+    phash_mirror: str | None = None  # ... and of the horizontally mirrored full frame (flip-invariant dedup)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -128,11 +129,12 @@ def _metadata_blocks(info: dict) -> tuple[bytes, ...]:
 JPEG_MIN_PIXELS_PER_BYTE = 512  # 0.016 bits/pixel: 4x below the smallest complete baseline JPEG
 
 
-def decode_image(data: bytes, cfg: DecodeConfig, hash_kind: str | None = None) -> DecodedImage:
+def decode_image(data: bytes, cfg: DecodeConfig, hash_kind: str | None = None, mirror: bool = False) -> DecodedImage:
     """Decode and normalise one image or raise `Reject` with the specific reason.
 
     With `hash_kind` ("phash"/"dhash") the perceptual hash is taken from the whole frame,
-    before the centre crop, so resizes that change the aspect ratio still match.
+    before the centre crop, so resizes that change the aspect ratio still match; with
+    `mirror` too, the hash of the mirrored frame (a flipped copy matches through it).
     """
     if not data:
         raise Reject(RejectReason.EMPTY_FILE, "zero-byte file")
@@ -192,12 +194,16 @@ def decode_image(data: bytes, cfg: DecodeConfig, hash_kind: str | None = None) -
             width, height = height, width  # manifest boxes refer to and the crop is cut from
         img = ImageOps.exif_transpose(img)
         rgb = _to_rgb(img)
-    phash = dedup_hash.hash_to_hex(dedup_hash.image_hash(rgb, hash_kind)) if hash_kind else None
+    phash = phash_mirror = None
+    if hash_kind:
+        value, mirrored = dedup_hash.image_hashes(rgb, hash_kind)
+        phash, phash_mirror = dedup_hash.hash_to_hex(value), dedup_hash.hash_to_hex(mirrored) if mirror else None
     square = _centre_square(rgb, cfg.resolution)
     pixels = square.tobytes()
     out = io.BytesIO()
     square.save(out, "JPEG", quality=cfg.jpeg_quality)
-    return DecodedImage(out.getvalue(), hashlib.sha256(pixels).hexdigest(), fmt, width, height, mode, phash)
+    return DecodedImage(out.getvalue(), hashlib.sha256(pixels).hexdigest(), fmt, width, height, mode, phash,
+                        phash_mirror)
 
 
 class DecodeImages(StageDoFn):
@@ -205,13 +211,14 @@ class DecodeImages(StageDoFn):
 
     stage = Stage.DECODE
 
-    def __init__(self, cfg: DecodeConfig, hash_kind: str | None = "phash"):
+    def __init__(self, cfg: DecodeConfig, hash_kind: str | None = "phash", mirror: bool = False):
         super().__init__()
         self.cfg = cfg
         self.hash_kind = hash_kind
+        self.mirror = mirror
 
     def handle(self, asset: Asset) -> Asset:
-        decoded = decode_image(asset.source_bytes or b"", self.cfg, self.hash_kind)
+        decoded = decode_image(asset.source_bytes or b"", self.cfg, self.hash_kind, self.mirror)
         return asset.replace(
             source_bytes=None,
             image=decoded.jpeg,
@@ -221,4 +228,5 @@ class DecodeImages(StageDoFn):
             source_height=decoded.height,
             source_mode=decoded.mode,
             phash=decoded.phash,
+            phash_mirror=decoded.phash_mirror,
         )

@@ -29,7 +29,8 @@ class HashImage(StageDoFn):
 
     With hash_input="auto" a pHash already on the asset is trusted: decode can hash the
     full frame before it drops the source bytes, which keeps aspect-changing resizes
-    within the radius (the 256 px centre crop does not). Only rejections are counted here:
+    within the radius (the 256 px centre crop does not). With `mirror` on, the hash of the
+    mirrored frame comes with it (`Asset.phash_mirror`), from the same input. Only rejections are counted here:
     `dedup_near/in` and `kept` are counted where the near rule decides (prepare.Decide)."""
 
     stage = Stage.DEDUP_NEAR
@@ -43,8 +44,9 @@ class HashImage(StageDoFn):
         cfg = self.config
         if cfg.hash_input == "auto" and cfg.hash_kind == "phash" and asset.phash:
             return asset  # computed upstream from the full frame (the best input; see docs/dedup.md)
-        value = dedup_hash.image_hash_from_bytes(_hash_input(asset, cfg.hash_input), cfg.hash_kind)
-        return asset.replace(phash=dedup_hash.hash_to_hex(value))
+        value, mirrored = dedup_hash.image_hashes_from_bytes(_hash_input(asset, cfg.hash_input), cfg.hash_kind)
+        return asset.replace(phash=dedup_hash.hash_to_hex(value),
+                             phash_mirror=dedup_hash.hash_to_hex(mirrored) if cfg.mirror else None)
 
 
 def _hash_input(asset: Asset, which: str) -> bytes:

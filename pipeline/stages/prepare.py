@@ -65,6 +65,7 @@ CHUNKS_PER_LEDGER_FILE = 10  # a ledger file holds ten chunks' rows (5,000 by de
 SLICE_SCHEMA = pa.schema(list(ledger.LEDGER_SCHEMA) + [
     pa.field("validated", pa.bool_()),  # passed validation: takes part in the repeated-id check
     pa.field("pixel_sha256", pa.string()),
+    pa.field("phash_mirror", pa.string()),  # kept rows with dedup.mirror: the mirrored frame's hash, for the near rule
     pa.field("area", pa.int64()),  # source width * height, for the representative rule
     pa.field("record", pa.string()),  # kept rows: the Asset's JSON record in staging, `file@offset:length`
 ])
@@ -74,7 +75,7 @@ DECISION_SCHEMA = pa.schema([
 ])
 _DECISION_FIELDS = tuple(DECISION_SCHEMA.names[2:])
 _DECIDE_COLUMNS = ("asset_id", "manifest_uri", "manifest_row", "status", "validated", "sha256", "pixel_sha256",
-                   "phash", "area", "license_id", "record")
+                   "phash", "phash_mirror", "area", "license_id", "record")
 
 
 def ledger_part(manifest_index: int, chunk_index: int) -> str:
@@ -90,7 +91,7 @@ def after_fetch_steps(decode: DecodeConfig, dedup: DedupConfig) -> list[StageDoF
     """The steps after fetch, in order: decode, and the perceptual hash when near dedup is on.
     The hash of the source bytes (hash_input=source) is taken before decode drops them;
     otherwise after it (with auto, decode hashes the full frame and the hash step keeps it)."""
-    decode_step = DecodeImages(decode, dedup.hash_kind if dedup.near else None)
+    decode_step = DecodeImages(decode, dedup.hash_kind if dedup.near else None, dedup.near and dedup.mirror)
     if not dedup.near:
         return [decode_step]
     hash_step = HashImage(dedup)
@@ -225,7 +226,7 @@ class ProcessChunk(beam.DoFn):
             return row
         asset = asset.replace(image=None, image_uri=staging.append(asset.image), source_bytes=None)
         row = ledger.kept_row(asset)
-        row.update(validated=True, pixel_sha256=asset.pixel_sha256,
+        row.update(validated=True, pixel_sha256=asset.pixel_sha256, phash_mirror=asset.phash_mirror,
                    area=(asset.source_width or 0) * (asset.source_height or 0),
                    record=staging.append(encode_record(asset)))
         return row
@@ -499,8 +500,9 @@ class Decide(beam.DoFn):
         cfg = self.dedup
         counters = StageCounters(Stage.DEDUP_NEAR)
         counters.seen.inc(len(survivors))
-        rows = [dedup_rules.Row(cols["asset_id"][i], dedup_hash.hex_to_hash(cols["phash"][i]), self._rank(cols, i))
-                for i in survivors]
+        mirrors = cols["phash_mirror"] if cfg.mirror else [None] * len(cols["phash"])
+        rows = [dedup_rules.Row(cols["asset_id"][i], dedup_hash.hex_to_hash(cols["phash"][i]), self._rank(cols, i),
+                                dedup_hash.hex_to_hash(mirrors[i]) if mirrors[i] else None) for i in survivors]
         position = {cols["asset_id"][i]: i for i in survivors}
         rejected = set()
         for d in dedup_rules.near_decisions(rows, previous, cfg.hamming_radius, cfg.bucket_cap, cfg.engine,

@@ -96,7 +96,7 @@ def corpus() -> dict[str, Asset]:
         "small-a3": make_asset("small-a3", _small_copy(p["a3"]), row=12),
         # watermarked, same size: near duplicate of a4, which wins on asset_id
         "wm-a4": make_asset("wm-a4", _encode(_watermark(p["a4"]), quality=85), row=13),
-        # mirrored: pHash does not catch flips (documented), so it stays
+        # mirrored: caught through the mirror hash (dedup.mirror), not by pHash alone
         "flip-a5": make_asset("flip-a5", _encode(p["a5"].transpose(Image.FLIP_LEFT_RIGHT), quality=90), row=14),
     }
     items.update(extra)
@@ -126,8 +126,10 @@ def _phash(a: Asset) -> int:
 
 
 def _near(assets: list[Asset], cfg: DedupConfig, previous=()) -> dict[str, dedup_rules.Decision]:
-    rows = [dedup_rules.Row(a.asset_id, _phash(a), dedup_rules.representative_rank(a, cfg.license_preference))
-            for a in assets]
+    """The near rule as Decide applies it: each asset's hash and, with `mirror`, its mirror hash."""
+    hashes = {a.asset_id: dedup_hash.image_hashes_from_bytes(a.image) for a in assets}
+    rows = [dedup_rules.Row(a.asset_id, hashes[a.asset_id][0], dedup_rules.representative_rank(a, cfg.license_preference),
+                            hashes[a.asset_id][1] if cfg.mirror else None) for a in assets]
     return {d.asset_id: d for d in dedup_rules.near_decisions(rows, list(previous), cfg.hamming_radius,
                                                               cfg.bucket_cap, cfg.engine, cfg.threads)}
 
@@ -153,6 +155,9 @@ def test_config_is_validated() -> None:
             DedupConfig(engine=engine)
     with pytest.raises(ValueError, match="threads"):
         DedupConfig(threads=0)
+    with pytest.raises(ValueError, match="mirror"):
+        DedupConfig(mirror="yes")
+    assert DedupConfig().mirror  # flip-invariant near dedup is on by default (measured: docs/dedup.md)
     with pytest.raises(ValueError):
         DedupConfig(license_preference="CC0-1.0")
     with pytest.raises(TypeError):
@@ -190,10 +195,34 @@ def test_exact_rule_license_preference_and_no_pixel_pass(corpus) -> None:
 def test_near_rule_on_real_photos(corpus) -> None:
     assets = [a for k, a in corpus.items() if k not in ("z-copy-a1", "png-a2")]
     decisions = _near(assets, DedupConfig(threads=2))
-    assert _dups(decisions) == {"small-a3": "a3", "wm-a4": "a4"}  # flip-a5: pHash misses flips (docs/dedup.md)
+    assert _dups(decisions) == {"small-a3": "a3", "wm-a4": "a4", "flip-a5": "a5"}
     assert decisions["a3"].cluster_id == "a3" and decisions["a4"].cluster_id == "a4"
+    assert decisions["a5"].cluster_id == decisions["flip-a5"].cluster_id == "a5"
     assert "a1" not in decisions  # a singleton gets no decision
     assert "Hamming distance" in decisions["small-a3"].detail and "radius 8" in decisions["wm-a4"].detail
+    assert "mirrored" in decisions["flip-a5"].detail and "mirrored" not in decisions["small-a3"].detail
+    # without the mirror hash, pHash alone misses the flip (distance ~32: an unrelated picture)
+    assert _dups(_near(assets, DedupConfig(threads=2, mirror=False))) == {"small-a3": "a3", "wm-a4": "a4"}
+
+
+def test_near_rule_mirror_rows_keep_the_bookkeeping() -> None:
+    """Mirror hashes are extra rows of the same asset: an asset that matches only its own
+    mirror (a symmetric picture) is no duplicate; a flipped copy joins its original's cluster
+    with the mirrored distance; previous-run assets (hash only) match a new mirror."""
+    rank = lambda aid: (0, 0, aid)  # noqa: E731
+    h, m = 0x0F0F_0F0F_0F0F_0F0F, 0xF0F0_F0F0_F0F0_F0F0
+    sym = dedup_rules.Row("sym", h, rank("sym"), h ^ 0b111)  # within the radius of its own mirror
+    alone = dedup_rules.Row("alone", m ^ 0xFFFF, rank("alone"), m ^ 0xFFFF_0000)
+    assert list(dedup_rules.near_decisions([sym, alone], [], 8, 256)) == []
+    orig = dedup_rules.Row("b-orig", h, (-10, 0, "b-orig"), m)
+    flip = dedup_rules.Row("a-flip", m ^ 0b1, (0, 0, "a-flip"), h ^ 0b11)  # the mirror image of b-orig
+    got = {d.asset_id: d for d in dedup_rules.near_decisions([flip, orig], [], 8, 256)}
+    assert got["a-flip"].dup_of == "b-orig" and got["b-orig"].dup_of is None and got["b-orig"].cluster_id == "b-orig"
+    assert got["a-flip"].detail.startswith("pHash Hamming distance 1 to the cluster representative b-orig mirrored")
+    prev = [dedup_rules.PreviousAsset("prev", None, None, dedup_hash.hash_to_hex(h))]
+    got = {d.asset_id: d for d in dedup_rules.near_decisions([flip], prev, 8, 256)}
+    assert got == {"a-flip": dedup_rules.Decision("a-flip", "prev", "prev", got["a-flip"].detail)}
+    assert "previous-run asset prev mirrored" in got["a-flip"].detail
 
 
 def _write_previous(path: Path, rows: list[dict]) -> None:
@@ -239,8 +268,11 @@ def test_hash_step_trusts_an_upstream_full_frame_phash_and_rejects_what_it_canno
     a1 = corpus["a1"]
     upstream = "0123456789abcdef"
     assert _hash_step(a1.replace(phash=upstream), DedupConfig())[0].phash == upstream
-    recomputed = _hash_step(a1.replace(phash=upstream), DedupConfig(hash_input="image"))[0].phash
-    assert recomputed == dedup_hash.hash_to_hex(_phash(a1)) != upstream
+    recomputed = _hash_step(a1.replace(phash=upstream), DedupConfig(hash_input="image"))[0]
+    assert recomputed.phash == dedup_hash.hash_to_hex(_phash(a1)) != upstream
+    mirrored = Image.open(io.BytesIO(a1.image)).transpose(Image.FLIP_LEFT_RIGHT)
+    assert recomputed.phash_mirror == dedup_hash.hash_to_hex(dedup_hash.image_hash(mirrored))  # the mirrored frame's
+    assert _hash_step(a1, DedupConfig(hash_input="image", mirror=False))[0].phash_mirror is None
     kept, rejected = _hash_step(_bad_asset(), DedupConfig())
     assert kept is None and rejected.reason is RejectReason.ERROR and rejected.stage == "dedup_near"
 
@@ -305,7 +337,8 @@ def _delivery(folder: Path, files: dict[str, bytes]) -> Path:
 def test_exact_and_near_dedup_in_a_run_and_against_the_previous_run(tmp_path) -> None:
     """Run 1 curates six photos; run 2 (dedup.previous_run = run 1's store) gets a re-sent copy
     of one under a new id, a recompressed copy of another, a new photo with its PNG and a
-    watermarked copy, and a mirrored copy of one. The ledger says which were kept and why not."""
+    watermarked copy, a mirrored copy of a previous photo and one of a new photo. The ledger
+    says which were kept and why not."""
     from pipeline.run import run
 
     photos = {f"p{k}": COCO[k * 11].read_bytes() for k in range(1, 7)}
@@ -324,24 +357,36 @@ def test_exact_and_near_dedup_in_a_run_and_against_the_previous_run(tmp_path) ->
         "small-p3": _small_copy(_photo(3)),  # recompressed, half size
         "b7": COCO[77].read_bytes(), "png-b7": _encode(b7, "PNG"),  # the same pixels, other bytes
         "b8": COCO[88].read_bytes(), "wm-b8": _encode(_watermark(b8), quality=85),
-        "flip-p5": _encode(_photo(5).transpose(Image.FLIP_LEFT_RIGHT), quality=90),  # pHash misses flips
+        "flip-p5": _encode(_photo(5).transpose(Image.FLIP_LEFT_RIGHT), quality=90),  # vs the previous run
+        "flip-b8": _encode(b8.transpose(Image.FLIP_LEFT_RIGHT), quality=90),  # vs this delivery
     }
     out = tmp_path / "run2"
     report = run(config(_delivery(tmp_path / "d2", second), out, previous_run=str(first / "curated")),
                  until="curated", beam_flags=flags)
     rows = {r["asset_id"]: r for r in ledger.read_ledger(str(out)).to_pylist()}
-    assert {a for a, r in rows.items() if r["status"] == "kept"} == {"b7", "b8", "flip-p5"}
+    assert {a for a, r in rows.items() if r["status"] == "kept"} == {"b7", "b8"}
     assert {a: (r["stage"], r["reason"], r["dup_of"]) for a, r in rows.items() if r["status"] != "kept"} == {
         "again-p1": ("dedup_exact", "EXACT_DUPLICATE", "p1"),
         "png-b7": ("dedup_exact", "EXACT_DUPLICATE", "b7"),
         "small-p3": ("dedup_near", "NEAR_DUPLICATE", "p3"),
         "wm-b8": ("dedup_near", "NEAR_DUPLICATE", "b8"),
+        "flip-p5": ("dedup_near", "NEAR_DUPLICATE", "p5"),  # the previous store has no mirror hash: ours matched
+        "flip-b8": ("dedup_near", "NEAR_DUPLICATE", "b8"),
     }
     assert "previous run" in rows["again-p1"]["detail"] and "previous-run asset" in rows["small-p3"]["detail"]
+    assert "previous-run asset p5 mirrored" in rows["flip-p5"]["detail"]
+    assert "representative b8 mirrored" in rows["flip-b8"]["detail"] and "mirrored" not in rows["wm-b8"]["detail"]
     assert rows["b7"]["cluster_id"] == "b7" and rows["b8"]["cluster_id"] == "b8"
     counters = report.counters
-    assert counters["dedup_exact/in"] == 7 and counters["dedup_exact/rejected/EXACT_DUPLICATE"] == 2
-    assert counters["dedup_near/in"] == 5 and counters["dedup_near/rejected/NEAR_DUPLICATE"] == 2
+    assert counters["dedup_exact/in"] == 8 and counters["dedup_exact/rejected/EXACT_DUPLICATE"] == 2
+    assert counters["dedup_near/in"] == 6 and counters["dedup_near/rejected/NEAR_DUPLICATE"] == 4
+
+    # mirror off: both flipped copies are kept (pHash alone is not flip invariant)
+    off = tmp_path / "run3"
+    run(config(_delivery(tmp_path / "d3", second), off, previous_run=str(first / "curated"), mirror=False),
+        until="curated", beam_flags=flags)
+    kept = {r["asset_id"] for r in ledger.read_ledger(str(off)).to_pylist() if r["status"] == "kept"}
+    assert kept == {"b7", "b8", "flip-p5", "flip-b8"}
 
 
 # --------------------------------------------------------------------------- after alignment
