@@ -310,6 +310,29 @@ def test_distinct_real_photos_are_not_merged() -> None:
     assert len(np.unique(dedup_cluster.cluster(h, RADIUS).label)) == len(h)
 
 
+def test_mirror_hash_catches_flips_and_merges_no_distinct_photos(coco_sample) -> None:
+    """dedup.mirror: a flipped copy is within the radius of its original's mirror hash (the
+    near rule searches both), and all 167 COCO photos + the UKBench originals, each with its
+    mirror hash, still form no cluster (measured: docs/dedup.md)."""
+    from pipeline import dedup_rules
+
+    for _, img in coco_sample:
+        h, m = dedup_hash.image_hashes_from_bytes(_jpeg(img, quality=95))
+        flipped = dedup_hash.image_hash_from_bytes(_jpeg(img.transpose(Image.FLIP_LEFT_RIGHT), quality=90))
+        assert int(dedup_hash.hamming(flipped, h)) > RADIUS and int(dedup_hash.hamming(flipped, m)) <= RADIUS
+    paths = sorted(COCO.glob("*.jpg"))
+    rows = [json.loads(line) for line in (NEARDUP / "manifest.jsonl").read_text().splitlines() if line.strip()]
+    paths += [NEARDUP / r["path"] for r in rows if r["relation"] == "original"]
+    hashes = [dedup_hash.image_hashes_from_bytes(p.read_bytes()) for p in paths]
+    assets = [dedup_rules.Row(f"p{k}", h, (0, 0, f"p{k}"), m) for k, (h, m) in enumerate(hashes)]
+    assert list(dedup_rules.near_decisions(assets, [], RADIUS, 256)) == []
+    ukb_flip = next(r for r in rows if r["relation"] == "hflip")  # UKBench's own mirrored copy
+    ukb = next(r for r in rows if r["relation"] == "original" and r["group_id"] == ukb_flip["group_id"])
+    h, m = dedup_hash.image_hashes_from_bytes((NEARDUP / ukb["path"]).read_bytes())
+    flipped = dedup_hash.image_hash_from_bytes((NEARDUP / ukb_flip["path"]).read_bytes())
+    assert int(dedup_hash.hamming(flipped, h)) > RADIUS and int(dedup_hash.hamming(flipped, m)) <= RADIUS
+
+
 def test_centre_crop_misses_aspect_changing_resize() -> None:
     """Documented: hashing ingest's 256 px centre crop (not the full frame) loses a
     300x300 squash of a 4:3 photo, while the full-frame hash keeps it within the radius."""
