@@ -8,6 +8,15 @@ photos are 177 real photos (COCO + UKBench distractors); pairs of them within th
 are the false positives.
 
     python benchmarks/dedup_quality.py [--radii 6,8,10,12] [--kind phash] [--input image] [--markdown]
+    python benchmarks/dedup_quality.py --rule [--radius 8] [--markdown]
+
+`--rule` runs the near rule itself (`dedup_rules.near_decisions`, single linkage) on what a
+run hashes (decode's full-frame pHash and, with `dedup.mirror`, the mirrored frame's), with
+and without the mirror hash: per transform, the originals + their edited copies + the
+UKBench distractors are one delivery; recall is the share of copies put in their original's
+cluster, and "photos merged" counts distinct photos that share a cluster with another
+distinct photo (precision: must be 0). A last row puts every copy of every transform in one
+delivery.
 """
 
 from __future__ import annotations
@@ -26,8 +35,9 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageFont
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from pipeline import dedup_rules  # noqa: E402
 from pipeline.config import DecodeConfig  # noqa: E402
-from pipeline.dedup_hash import hamming, image_hash_from_bytes  # noqa: E402
+from pipeline.dedup_hash import hamming, hex_to_hash, image_hash_from_bytes  # noqa: E402
 from pipeline.stages.decode import decode_image  # noqa: E402
 
 COCO = ROOT / "manifests" / "demo" / "images"
@@ -202,6 +212,85 @@ def table(results: dict, radii: list[int], markdown: bool) -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------- the near rule, mirror on/off
+
+
+def pipeline_hashes(data: bytes, kind: str = "phash") -> tuple[int, int] | None:
+    """(hash, mirror hash) as a run takes them: decode's full EXIF-transposed frame. None when
+    decode rejects the file (e.g. TOO_SMALL)."""
+    try:
+        d = decode_image(data, DecodeConfig(), kind, mirror=True)
+    except Exception:  # noqa: BLE001 - a decode reject is not a dedup question
+        return None
+    return hex_to_hash(d.phash), hex_to_hash(d.phash_mirror)
+
+
+def rule_hashes(kind: str = "phash", limit: int | None = None) -> dict:
+    """Hashes of the originals (COCO photos, then the UKBench group originals and distractors)
+    and of every edited copy, keyed by the original's index."""
+    originals, copies = [], {name: {} for name in TRANSFORMS}
+    for k, path in enumerate(coco_photos(limit)):
+        data = path.read_bytes()
+        originals.append(pipeline_hashes(data, kind))
+        with Image.open(io.BytesIO(data)) as im:
+            im = im.convert("RGB")
+            for name, edit in TRANSFORMS.items():
+                copies[name][k] = pipeline_hashes(edit(im), kind)
+    rows = [r for r in neardup_manifest() if r["decodable"]]
+    group_of: dict[str, int] = {}
+    for r in rows:
+        if r["relation"] == "original":
+            group_of[r["group_id"]] = len(originals)
+            originals.append(pipeline_hashes((NEARDUP / r["path"]).read_bytes(), kind))
+    for r in rows:
+        if r["relation"] not in ("original", "corrupt"):
+            copies.setdefault("ukbench_" + r["relation"], {})[group_of[r["group_id"]]] = (
+                pipeline_hashes((NEARDUP / r["path"]).read_bytes(), kind))
+    return {"originals": originals, "copies": copies, "n_coco": len(coco_photos(limit))}
+
+
+def run_rule(originals: list, copies: list[tuple[int, tuple[int, int]]], radius: int, mirror: bool) -> tuple[int, int]:
+    """The near rule over one delivery (originals + copies): (copies in their original's
+    cluster, distinct photos merged with another distinct photo)."""
+    rows = [dedup_rules.Row(f"o{k:04d}", h[0], (0, 0, f"o{k:04d}"), h[1] if mirror else None)
+            for k, h in enumerate(originals) if h is not None]
+    rows += [dedup_rules.Row(f"c{n:05d}", h[0], (1, 0, f"c{n:05d}"), h[1] if mirror else None)
+             for n, (_, h) in enumerate(copies)]
+    cluster = {d.asset_id: d.cluster_id for d in dedup_rules.near_decisions(rows, [], radius, 256)}
+    photo = {f"o{k:04d}": k for k in range(len(originals))} | {f"c{n:05d}": k for n, (k, _) in enumerate(copies)}
+    found = sum(1 for n, (k, _) in enumerate(copies)
+                if cluster.get(f"c{n:05d}") is not None and cluster.get(f"c{n:05d}") == cluster.get(f"o{k:04d}"))
+    photos_in: dict[str, set[int]] = {}
+    for aid, cid in cluster.items():
+        photos_in.setdefault(cid, set()).add(photo[aid])
+    merged = sum(len(p) for p in photos_in.values() if len(p) > 1)
+    return found, merged
+
+
+def rule_table(h: dict, radius: int, markdown: bool) -> str:
+    """Recall and photos merged per transform, with and without the mirror hash."""
+    head = ["transform", "n", f"recall r={radius}, no mirror", "with mirror", "photos merged, no mirror", "with mirror"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] if markdown else ["  ".join(head)]
+    sets = {name: [(k, c) for k, c in sorted(cs.items()) if c is not None] for name, cs in h["copies"].items()}
+    sets["all transforms, one delivery"] = [kc for name in TRANSFORMS for kc in sets[name]]
+    for name, copies in sets.items():
+        if not copies:
+            continue
+        (f0, m0), (f1, m1) = (run_rule(h["originals"], copies, radius, mirror) for mirror in (False, True))
+        cells = [name, str(len(copies)), f"{f0 / len(copies):.2f}", f"{f1 / len(copies):.2f}", str(m0), str(m1)]
+        lines.append("| " + " | ".join(cells) + " |" if markdown else "  ".join(f"{c:>12}" for c in cells))
+    o = np.asarray([x for x in h["originals"] if x is not None], dtype=np.uint64)
+    plain = hamming(o[:, None, 0], o[None, :, 0])
+    either = np.minimum.reduce([plain, hamming(o[:, None, 0], o[None, :, 1]), hamming(o[:, None, 1], o[None, :, 0]),
+                                hamming(o[:, None, 1], o[None, :, 1])])
+    iu = np.triu_indices(len(o), 1)
+    self_mirror = hamming(o[:, 0], o[:, 1])
+    lines += ["", f"distinct photos: {len(o)} ({len(iu[0])} pairs); closest distinct pairs, plain: "
+              f"{sorted(plain[iu].tolist())[:6]}; with the mirror hash: {sorted(either[iu].tolist())[:6]}; "
+              f"photos within the radius of their own mirror (symmetric): {int(np.sum(self_mirror <= radius))}"]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--radii", default="6,8,10,12")
@@ -209,7 +298,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="use only the first N COCO photos")
     parser.add_argument("--input", default="image", choices=["image", "source"], help="normalised image (pipeline default) or source frame")
     parser.add_argument("--markdown", action="store_true")
+    parser.add_argument("--rule", action="store_true", help="the near rule on decode's hashes, mirror on and off")
+    parser.add_argument("--radius", type=int, default=8, help="with --rule")
     args = parser.parse_args(argv)
+    if args.rule:
+        t0 = time.perf_counter()
+        h = rule_hashes(args.kind, args.limit)
+        print(f"near rule: hash={args.kind} of decode's full frame, radius {args.radius}, {h['n_coco']} COCO photos "
+              f"+ UKBench ({time.perf_counter() - t0:.1f}s)")
+        print(rule_table(h, args.radius, args.markdown))
+        return 0
     radii = [int(x) for x in args.radii.split(",")]
     t0 = time.perf_counter()
     results = measure(args.kind, radii, args.limit, args.input)
