@@ -326,15 +326,15 @@ def _takedown(out: str, asset_ids: Iterable[str], license_id: str | None, licens
     records += new
     keys = frozenset(r["key"] for r in records)
     gone = frozenset(r["asset_id"] for r in records)
-    standby = storage.join(prepared, "standby")  # duplicates a re-alignment could promote
-    if storage.exists(storage.join(standby, "index.json")):
-        _filter_store(standby, keys)
     rejections = {r["key"]: ("TAKEN_DOWN", f"{r['taken_down_at']}: {r['reason']}") for r in records}
     ledger.update_statuses(out, "audit", reject=rejections)
     prepared = storage.join(out, "_work", "prepared")  # the store before alignment, kept to re-align cheaply
     if storage.exists(storage.join(prepared, "index.json")):
         _filter_store(prepared, keys)
         ledger.update_statuses(prepared, "audit", reject=rejections)
+    standby = storage.join(prepared, "standby")  # duplicates a re-alignment could promote
+    if storage.exists(storage.join(standby, "index.json")):
+        _filter_store(standby, keys)
     curated = storage.join(out, "curated")
     store = _filter_store(curated, keys) if storage.exists(storage.join(curated, "index.json")) else []
     embeddings = _filter_parquets(curated, "embeddings-*.parquet", keys)
