@@ -4,7 +4,7 @@
         synthetic score mixtures (good and mismatched rows, normal scores): the realised
         false-reject rate of good rows and catch rate of mismatched rows of `calibrate`,
         over seeds, for separated, overlapping and no-power models.
-    python benchmarks/alignment_filter.py power [--rows 360] [--steps 100] [--seeds 0,1,2]
+    python benchmarks/alignment_filter.py power [--rows 720] [--steps 100] [--seeds 0,1,2]
         the out-of-fold experiment of tests/pipeline/test_alignment_power.py: a generated
         coloured-shapes corpus with 10 % swapped captions, K=2 cpu-tiny fold models, each row
         scored by the model that never saw it, then `calibrate`; one JSON line per seed with
@@ -122,7 +122,7 @@ def main() -> None:
     s = sub.add_parser("simulate")
     s.add_argument("--seeds", type=int, default=100)
     p = sub.add_parser("power")
-    p.add_argument("--rows", type=int, default=360)
+    p.add_argument("--rows", type=int, default=720)
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--seeds", default="0,1,2")
     args = ap.parse_args()

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from manifests.shapes import COLOURS, SHAPES, shapes_corpus, swap_captions, write_shapes_corpus
@@ -29,7 +28,7 @@ from pipeline.clip.train import _training_pairs
 from pipeline.config import ClipConfig, ClipTrainConfig
 
 FOLDS = 2
-N_ROWS = 360  # 10 per colour x shape x background class; each fold model trains on ~180
+N_ROWS = 720  # 20 per colour x shape x background class; each fold model trains on ~360
 SWAP_FRACTION = 0.1
 DRAWS = 5  # mismatched captions per image
 BUDGET = 0.02
@@ -75,12 +74,6 @@ def out_of_fold_scores(rows, shard_urls: list[str], base: Path, seed: int) -> tu
     return matched, np.concatenate(mismatched)
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +125,7 @@ def test_holdout_stream_skips_exactly_the_held_out_fold(tmp_path):
     assert {next(everything)[1] for _ in range(600)} == {f"cap{i}" for i in range(60)}
 
 
-def test_holdout_training_records_its_fold_and_refuses_another_folds_checkpoint(tmp_path, swapped_corpus, one_thread):
+def test_holdout_training_records_its_fold_and_refuses_another_folds_checkpoint(tmp_path, swapped_corpus, one_torch_thread):
     _, _, urls, _ = swapped_corpus
     cfg, small = ClipConfig(arch="cpu-tiny", device="cpu"), dict(TRAIN, max_steps=1, batch_size=4)
     summary = train_clip(cfg, ClipTrainConfig(**small), urls, str(tmp_path / "f0"), holdout=(0, FOLDS))
@@ -149,7 +142,7 @@ def test_holdout_training_records_its_fold_and_refuses_another_folds_checkpoint(
 
 
 @pytest.mark.slow
-def test_power_out_of_fold_filter_catches_swapped_captions(swapped_corpus, one_thread):
+def test_power_out_of_fold_filter_catches_swapped_captions(swapped_corpus, one_torch_thread):
     """10 % of rows carry the caption of a different colour and shape. Out of fold, the
     calibrated filter must catch >= 90 % of them with <= 2 % false rejects of good rows."""
     rows, swapped, urls, base = swapped_corpus
