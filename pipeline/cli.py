@@ -45,23 +45,16 @@ def _resolve(path: str, base: Path) -> str:
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    """Config file (relative paths resolved against its folder), then CLI overrides."""
-    base = Path(args.config).resolve().parent if args.config and "://" not in args.config else Path.cwd()
-    cfg = load_config(args.config)
-    manifests = tuple(_resolve(m, base) for m in cfg.manifests)
-    policy = _resolve(cfg.policy, base) if cfg.policy else None
-    if args.manifest:
-        manifests = tuple(_resolve(m, Path.cwd()) for m in args.manifest)
-    if args.policy:
-        policy = _resolve(args.policy, Path.cwd())
-    out = args.out or cfg.out
-    out = _resolve(out, Path.cwd()) if args.out else (_resolve(out, base) if args.config else _resolve(out, Path.cwd()))
+    """The config file (load_config resolves its relative paths against its folder), then the
+    command line's overrides (relative to the working directory)."""
     from dataclasses import replace
 
-    align = cfg.align
-    if align.clip.weights:
-        align = replace(align, clip=replace(align.clip, weights=_resolve(align.clip.weights, base)))
-    return replace(cfg, manifests=manifests, policy=policy, out=out, align=align)
+    cfg = load_config(args.config)
+    cwd = Path.cwd()
+    manifests = tuple(_resolve(m, cwd) for m in (args.manifest or cfg.manifests))
+    policy = args.policy or cfg.policy
+    return replace(cfg, manifests=manifests, policy=_resolve(policy, cwd) if policy else None,
+                   out=_resolve(args.out or cfg.out, cwd))
 
 
 def score_summary(out: str) -> str | None:
@@ -78,6 +71,23 @@ def score_summary(out: str) -> str | None:
     q = np.quantile(scores, [0.0, 0.1, 0.5, 0.9, 1.0])
     return (f"alignment: {scores.size} rows scored, {removed} removed (LOW_ALIGNMENT); clip_score "
             f"min {q[0]:.3f}  p10 {q[1]:.3f}  median {q[2]:.3f}  p90 {q[3]:.3f}  max {q[4]:.3f}")
+
+
+def calibration_summary(align: dict) -> str | None:
+    """One line on the calibrated filter: the model's power and what the filter decided."""
+    cal = align.get("calibration")
+    if not cal:
+        return None
+    where = (f"out of fold ({align['scored_out_of_fold']} folds)" if align.get("scored_out_of_fold")
+             else "by the CLIP itself")
+    power = f"AUC {cal['auc']:.3f}" if cal.get("auc") is not None else "AUC n/a"
+    if cal["decision"] == "filter":
+        verdict = (f"filter at clip_score < {cal['threshold']:.4f}: expected false rejects "
+                   f"{cal['expected_false_reject']:.1%}, expected catch {cal['expected_catch']:.1%} "
+                   f"(budget {cal['false_reject_budget']:.1%})")
+    else:
+        verdict = f"{cal['decision']}: {cal.get('reason') or 'nothing rejected'}"
+    return f"alignment model: matched vs mismatched captions scored {where}, {power}; {verdict}"
 
 
 def format_report(report: RunReport) -> str:
@@ -99,6 +109,9 @@ def format_report(report: RunReport) -> str:
     if scores:
         lines.append(scores)
     info = {r.name: r.info for r in report.steps}
+    calibration = calibration_summary(info.get("align", {}))
+    if calibration:
+        lines.append(calibration)
     vq = info.get("vq", {})
     if "psnr_db" in vq:
         lines.append(f"vq tokenizer ({vq.get('model')}, held-out {vq.get('images')} images at {vq.get('resolution_px', '?')} px): "

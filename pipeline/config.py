@@ -254,18 +254,29 @@ class ClipTrainConfig:
             raise ValueError("ClipTrainConfig.min_crop_scale must be in (0, 1]")
 
 
-ALIGN_MODES = ("threshold", "top_fraction", "off")
+ALIGN_MODES = ("calibrated", "threshold", "top_fraction", "off")
 
 
 @dataclass(frozen=True)
 class AlignConfig:
     """CLIP scoring and filtering. score = cosine(image, caption) reduced over the asset's
-    captions by `reduce` (`max`: some caption describes the image; `mean`: all do)."""
+    captions by `reduce` (`max`: some caption describes the image; `mean`: all do).
+
+    `calibrated` (the default) rejects a row only where its score looks like the scores of
+    mismatched pairs (the same images with captions drawn from other rows), at a false-reject
+    budget, and rejects nothing when the model is too weak to meet it (docs/alignment.md).
+    When the run trains its own CLIP, each row is scored by one of `folds` models that never
+    saw it (out of fold)."""
 
     enabled: bool = True  # false: no CLIP at all (no scores, no embeddings, no retrieval index)
     clip: ClipConfig = field(default_factory=ClipConfig)
     reduce: str = "max"
-    mode: str = "top_fraction"  # threshold | top_fraction | off
+    mode: str = "calibrated"  # calibrated | threshold | top_fraction | off
+    folds: int = 2  # out-of-fold scoring when the CLIP is trained here: K models, each without 1/K of the rows
+    false_reject_budget: float = 0.02  # calibrated: expected fraction of good rows rejected, at most
+    min_auc: float = 0.75  # calibrated: below this out-of-fold AUC the model is too weak: reject nothing
+    min_catch: float = 0.5  # calibrated: below this expected catch rate at the budget: reject nothing
+    mismatch_draws: int = 3  # calibrated: mismatched captions scored per image
     threshold: float = 0.25  # mode=threshold: keep score >= threshold (model-specific!)
     keep_fraction: float = 0.9  # mode=top_fraction: keep the best-scoring fraction of the run
     quantile_resolution: int = 1000  # top_fraction cut is exact to 1/resolution of the run
@@ -275,6 +286,16 @@ class AlignConfig:
             raise ValueError(f"AlignConfig.reduce must be max or mean, got {self.reduce!r}")
         if self.mode not in ALIGN_MODES:
             raise ValueError(f"AlignConfig.mode must be one of {ALIGN_MODES}, got {self.mode!r}")
+        if self.folds < 0 or self.folds == 1:
+            raise ValueError("AlignConfig.folds must be 0 (score with the full model) or >= 2")
+        if not 0.0 < self.false_reject_budget < 0.5:
+            raise ValueError("AlignConfig.false_reject_budget must be in (0, 0.5)")
+        if not 0.5 <= self.min_auc <= 1.0:
+            raise ValueError("AlignConfig.min_auc must be in [0.5, 1]")
+        if not 0.0 <= self.min_catch <= 1.0:
+            raise ValueError("AlignConfig.min_catch must be in [0, 1]")
+        if self.mismatch_draws < 1:
+            raise ValueError("AlignConfig.mismatch_draws must be >= 1")
         if not 0.0 < self.keep_fraction <= 1.0:
             raise ValueError("AlignConfig.keep_fraction must be in (0, 1]")
         if self.quantile_resolution < 2:

@@ -85,8 +85,15 @@ def _licenses(con, out: str) -> str:
     return f'<img src="{_save(fig, out, "licenses.png")}" alt="license mix">\n' + _table(("license", "kept assets"), rows)
 
 
+def _calibration(run: dict[str, Any]) -> dict[str, Any]:
+    return next((s["info"].get("calibration") or {} for s in run.get("steps", []) if s["name"] == "align"), {})
+
+
 def _cut(con, run: dict[str, Any]) -> tuple[float | None, str]:
     align = run.get("config", {}).get("align", {})
+    if align.get("mode") == "calibrated":
+        threshold = _calibration(run).get("threshold")
+        return (float(threshold), "calibrated cut") if threshold is not None else (None, "")
     if align.get("mode") == "threshold":
         return float(align["threshold"]), "threshold"
     details = _rows(con, "SELECT detail FROM ledger WHERE reason = 'LOW_ALIGNMENT' LIMIT 1")
@@ -108,6 +115,12 @@ def _clip_scores(con, out: str, run: dict[str, Any]) -> str:
     ax.set_ylabel("assets")
     ax.legend()
     note = f"<p>{len(rows)} scored, {len(scores[1])} rejected as LOW_ALIGNMENT.</p>"
+    cal = _calibration(run)
+    if cal:
+        shown = [(k, cal.get(k)) for k in ("decision", "auc", "pi", "threshold", "expected_false_reject",
+                                           "expected_catch", "false_reject_budget", "n_matched", "n_mismatched",
+                                           "reason") if cal.get(k) is not None]
+        note += "<h3>Calibrated filter</h3>" + _table(("measure", "value"), shown)
     return f'<img src="{_save(fig, out, "clip-scores.png")}" alt="CLIP score histogram">\n{note}'
 
 

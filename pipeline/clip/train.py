@@ -43,7 +43,9 @@ def _training_pairs(shard_urls: Sequence[str], buffer: int, rng: random.Random,
                     holdout: tuple[int, int] | None = None) -> Iterator[tuple[bytes, str]]:
     """Endless (jpg, caption) pairs: epochs over the shards in a seeded order, a shuffle
     buffer like webdataset's, a random caption per draw (every caption gets used).
-    `holdout=(k, K)` skips the assets of fold k of K (`alignment_filter.fold_of`)."""
+    `holdout=(k, K)` skips the assets of fold k of K (`alignment_filter.fold_of` of the asset's
+    duplicate group, else its id: the align step scores with the same key, so no model scores
+    a member of a group it trained on)."""
     pool: list[dict[str, Any]] = []
     while True:
         urls = list(shard_urls)
@@ -53,7 +55,8 @@ def _training_pairs(shard_urls: Sequence[str], buffer: int, rng: random.Random,
             captions = [c for c in sample["meta"].get("captions") or [] if c]
             if not captions:
                 continue
-            if holdout is not None and fold_of(str(sample["meta"].get("asset_id", sample["key"])), holdout[1]) == holdout[0]:
+            fold_key = sample["meta"].get("cluster_id") or sample["meta"].get("asset_id") or sample["key"]
+            if holdout is not None and fold_of(str(fold_key), holdout[1]) == holdout[0]:
                 continue
             seen += 1
             pool.append({"jpg": sample["jpg"], "captions": captions})

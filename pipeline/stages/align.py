@@ -1,16 +1,18 @@
 """Phase C: CLIP image/text embeddings, the alignment score, and the alignment filter.
 
 `ScoreAlignment` embeds batches of assets with a CLIP loaded once per worker process
-(shared between the DoFn instances of a process) and sets `clip_score`;
-`FilterAlignment` drops assets whose score is too low (absolute threshold, or below the
-run's global quantile for `top_fraction`); `WriteEmbeddings` stores the embeddings next to
+(shared between the DoFn instances of a process) and sets `clip_score` (out of fold when
+the run trained its own CLIP); `FilterAlignment` drops assets whose score is too low (the
+calibrated cut, an absolute threshold, or the run's global quantile for `top_fraction`);
+`WriteEmbeddings` stores the embeddings next to
 the curated images as float16 Parquet (layout in docs/alignment.md).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from typing import Any, Iterable, NamedTuple
+from typing import Any, Iterable, Iterator, NamedTuple
 
 import apache_beam as beam
 import numpy as np
@@ -19,6 +21,7 @@ from apache_beam.transforms.stats import ApproximateQuantiles
 from apache_beam.utils import shared
 
 from pipeline import storage
+from pipeline.alignment_filter import Calibration, calibrate, fold_of, mismatch_pairs
 from pipeline.config import AlignConfig, ClipConfig
 from pipeline.clip import ClipEmbedder, caption_scores, document_embedding, reduce_scores, text_embedding
 from pipeline.records import Asset, RejectReason
@@ -28,6 +31,7 @@ from pipeline.stages.store import WriteKeyedParquet
 log = logging.getLogger(__name__)
 
 EMBEDDINGS = "embeddings"
+MISMATCHED = "mismatched"  # tagged output: scores of images with captions drawn from other rows
 SCORE_STAGE = Stage.CLIP
 FILTER_STAGE = Stage.ALIGN
 
@@ -39,20 +43,55 @@ class _SharedEmbedder:
         self.embedder = ClipEmbedder(cfg)
 
 
-class _ScoreBatch(beam.DoFn):
-    """Embed a batch of assets; per-asset failures become ERROR rejections, not batch loss."""
+def read_batches(url: str, batch_size: int) -> Iterator[list[Asset]]:
+    """A store shard's assets in batches of consecutive samples: the same batches on every
+    run and runner, so the mismatched captions drawn inside a batch are the same too."""
+    from pipeline.stages.store import read_shard
 
-    def __init__(self, cfg: AlignConfig):
+    batch: list[Asset] = []
+    for asset in read_shard(url):
+        batch.append(asset)
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def fold_key(asset: Asset) -> str:
+    """What decides an asset's fold: its duplicate group (so a duplicate on standby is scored
+    by a model that saw no member of its group), else its id. Training uses the same key."""
+    return asset.cluster_id or asset.asset_id
+
+
+class _ScoreBatch(beam.DoFn):
+    """Embed a batch of assets; per-asset failures become ERROR rejections, not batch loss.
+
+    Embeddings (for the store and retrieval) come from the run's CLIP. Scores come from the
+    fold model that never saw the asset when `fold_weights` are given (out of fold), else from
+    the same CLIP. With them, each image is scored against `mismatch_draws` captions of other
+    rows of its batch and fold: the MISMATCHED output, from which the calibrated filter learns
+    what a mismatched pair scores."""
+
+    def __init__(self, cfg: AlignConfig, fold_weights: tuple[str, ...] = ()):
         super().__init__()
         self.cfg = cfg
+        self.fold_weights = tuple(fold_weights)
         self._shared = shared.Shared()
         self.embedder: ClipEmbedder | None = None
+        self.scorers: list[ClipEmbedder] = []
         self.counters: StageCounters | None = None
 
+    def _load(self, clip: ClipConfig) -> ClipEmbedder:
+        tag = f"clip:{clip.arch}:{clip.weights}:{clip.device}"
+        holder = self._shared.acquire(lambda: _SharedEmbedder(clip), tag=tag)
+        self._holders.append(holder)  # keeps it alive
+        return holder.embedder
+
     def setup(self) -> None:
-        tag = f"clip:{self.cfg.clip.arch}:{self.cfg.clip.weights}:{self.cfg.clip.device}"
-        self._holder = self._shared.acquire(lambda: _SharedEmbedder(self.cfg.clip), tag=tag)  # keeps it alive
-        self.embedder = self._holder.embedder
+        self._holders: list[_SharedEmbedder] = []
+        self.embedder = self._load(self.cfg.clip)
+        self.scorers = [self._load(dataclasses.replace(self.cfg.clip, weights=w)) for w in self.fold_weights]
         self.counters = StageCounters(SCORE_STAGE)
         self.score_dist = Metrics.distribution(SCORE_STAGE, "score_x1000")
         self.batch_sizes = Metrics.distribution(SCORE_STAGE, "batch_size")
@@ -60,6 +99,27 @@ class _ScoreBatch(beam.DoFn):
     def _reject(self, asset: Asset, reason: RejectReason, detail: str):
         self.counters.rejected(reason)
         return beam.pvalue.TaggedOutput(REJECTED, asset.reject(SCORE_STAGE, reason, detail[:2000]))
+
+    def _scores(self, embedder: ClipEmbedder, group: list[tuple[Asset, Any]], image_embs: np.ndarray | None = None,
+                caption_embs: list[np.ndarray] | None = None) -> tuple[list[float | None], list[float]]:
+        """Matched scores of a group (one fold) and its mismatched scores (captions of other rows)."""
+        if image_embs is None:
+            image_embs = embedder.embed_pixels([px for _, px in group])
+            flat = embedder.embed_texts([c for asset, _ in group for c in asset.captions])
+            caption_embs, offset = [], 0
+            for asset, _ in group:
+                caption_embs.append(flat[offset:offset + len(asset.captions)])
+                offset += len(asset.captions)
+        reduce = self.cfg.reduce
+        matched = [reduce_scores(caption_scores(img, embs), reduce) if len(embs) else None
+                   for img, embs in zip(image_embs, caption_embs)]
+        mismatched = []
+        if self.cfg.mode == "calibrated":
+            seed = storage.stable_bucket(group[0][0].asset_id, 2 ** 31)
+            for i, j in mismatch_pairs(len(group), self.cfg.mismatch_draws, seed):
+                if len(caption_embs[j]):
+                    mismatched.append(reduce_scores(caption_scores(image_embs[i], caption_embs[j]), reduce))
+        return matched, mismatched
 
     def process(self, batch: list[Asset]) -> Iterable:
         self.batch_sizes.update(len(batch))
@@ -74,18 +134,31 @@ class _ScoreBatch(beam.DoFn):
             return
         try:
             image_embs = self.embedder.embed_pixels([px for _, px in ready])
-            captions = [c for asset, _ in ready for c in asset.captions]
-            caption_embs = self.embedder.embed_texts(captions)
+            flat = self.embedder.embed_texts([c for asset, _ in ready for c in asset.captions])
+            caption_embs, offset = [], 0
+            for asset, _ in ready:
+                caption_embs.append(flat[offset:offset + len(asset.captions)])
+                offset += len(asset.captions)
+            scores: dict[str, float | None] = {}
+            mismatched: list[float] = []
+            if self.scorers:  # out of fold: each fold's rows by the model that never saw them
+                folds: dict[int, list[tuple[Asset, Any]]] = {}
+                for item in ready:
+                    folds.setdefault(fold_of(fold_key(item[0]), len(self.scorers)), []).append(item)
+                for k, group in sorted(folds.items()):
+                    matched, mis = self._scores(self.scorers[k], group)
+                    scores.update((asset.asset_id, s) for (asset, _), s in zip(group, matched))
+                    mismatched += mis
+            else:
+                matched, mismatched = self._scores(self.embedder, ready, image_embs, caption_embs)
+                scores = {asset.asset_id: s for (asset, _), s in zip(ready, matched)}
         except Exception as exc:  # noqa: BLE001
             log.warning("%s: batch of %d failed: %s", SCORE_STAGE, len(ready), exc)
             for asset, _ in ready:
                 yield self._reject(asset, RejectReason.ERROR, f"{type(exc).__name__}: {exc}")
             return
-        offset = 0
-        for (asset, _), image_emb in zip(ready, image_embs):
-            embs = caption_embs[offset:offset + len(asset.captions)]
-            offset += len(asset.captions)
-            score = reduce_scores(caption_scores(image_emb, embs), self.cfg.reduce) if len(embs) else None
+        for (asset, _), image_emb, embs in zip(ready, image_embs, caption_embs):
+            score = scores[asset.asset_id]
             text_emb = text_embedding(embs) if len(embs) else None
             doc_emb = document_embedding(image_emb, text_emb)
             if score is not None:
@@ -102,32 +175,34 @@ class _ScoreBatch(beam.DoFn):
                 "text_emb": None if text_emb is None else text_emb.astype(np.float16),
                 "doc_emb": doc_emb.astype(np.float16),
             })
+        for value in mismatched:
+            yield beam.pvalue.TaggedOutput(MISMATCHED, value)
 
 
 class Scored(NamedTuple):
-    """What `ScoreAlignment` returns: the stage outputs plus the embedding rows."""
+    """What `ScoreAlignment` returns: the stage outputs, the embedding rows, and the scores of
+    mismatched pairs (for the calibrated filter)."""
 
     kept: Any
     rejected: Any
     embeddings: Any
+    mismatched: Any
 
 
 class ScoreAlignment(beam.PTransform):
-    """Assets → `Scored`: `kept` (clip_score set), `rejected` (ERROR only: scoring never
-    judges, `FilterAlignment` does) and `embeddings` (dict rows, float16)."""
+    """Batches of assets (lists; `read_batches` makes deterministic ones) → `Scored`: `kept`
+    (clip_score set), `rejected` (ERROR only: scoring never judges, `FilterAlignment` does),
+    `embeddings` (dict rows, float16) and `mismatched` (floats)."""
 
-    def __init__(self, cfg: AlignConfig, label: str | None = None):
+    def __init__(self, cfg: AlignConfig, fold_weights: tuple[str, ...] = (), label: str | None = None):
         super().__init__(label)
         self.cfg = cfg
+        self.fold_weights = tuple(fold_weights)
 
-    def expand(self, assets: beam.PCollection):
-        bs = self.cfg.clip.batch_size
-        out = (
-            assets
-            | "Batch" >> beam.BatchElements(min_batch_size=bs, max_batch_size=bs)
-            | "Embed" >> beam.ParDo(_ScoreBatch(self.cfg)).with_outputs(REJECTED, EMBEDDINGS, main="kept")
-        )
-        return Scored(out.kept, out[REJECTED], out[EMBEDDINGS])
+    def expand(self, batches: beam.PCollection):
+        out = batches | "Embed" >> beam.ParDo(_ScoreBatch(self.cfg, self.fold_weights)).with_outputs(
+            REJECTED, EMBEDDINGS, MISMATCHED, main="kept")
+        return Scored(out.kept, out[REJECTED], out[EMBEDDINGS], out[MISMATCHED])
 
 
 class _FilterDoFn(StageDoFn):
@@ -137,18 +212,24 @@ class _FilterDoFn(StageDoFn):
         super().__init__()
         self.cfg = cfg
         self._cutoff: float | None = None
+        self._why = ""
 
-    def process(self, asset: Asset, cutoff: float | None = None) -> Iterable:
-        self._cutoff = cutoff if self.cfg.mode == "top_fraction" else self.cfg.threshold
+    def process(self, asset: Asset, cutoff: Any = None) -> Iterable:
+        if self.cfg.mode == "calibrated":
+            self._cutoff = cutoff.threshold
+            self._why = (f"calibrated cut (out-of-fold AUC {cutoff.auc:.3f}, expected false rejects "
+                         f"{cutoff.expected_false_reject:.1%})") if cutoff.threshold is not None else ""
+        elif self.cfg.mode == "top_fraction":
+            self._cutoff, self._why = cutoff, f"run quantile (keep {self.cfg.keep_fraction:g})"
+        else:
+            self._cutoff, self._why = self.cfg.threshold, "threshold"
         yield from super().process(asset)
 
     def handle(self, asset: Asset) -> Asset:
         if self.cfg.mode == "off" or asset.clip_score is None or self._cutoff is None:
             return asset  # unscored (no caption) assets cannot be judged: kept, score null
         if asset.clip_score < self._cutoff:
-            what = "threshold" if self.cfg.mode == "threshold" else f"run quantile (keep {self.cfg.keep_fraction:g})"
-            raise Reject(RejectReason.LOW_ALIGNMENT,
-                         f"clip_score {asset.clip_score:.4f} < {self._cutoff:.4f} {what}")
+            raise Reject(RejectReason.LOW_ALIGNMENT, f"clip_score {asset.clip_score:.4f} < {self._cutoff:.4f} {self._why}")
         return asset
 
 
@@ -159,27 +240,48 @@ def _cutoff_from_quantiles(quantiles: list[float], cfg: AlignConfig) -> float | 
     return float(quantiles[idx])
 
 
+def _calibrate(scores: list[tuple[bool, float]], cfg: AlignConfig, record_url: str | None) -> Calibration:
+    matched = np.array([s for m, s in scores if m], dtype=np.float64)
+    mismatched = np.array([s for m, s in scores if not m], dtype=np.float64)
+    result = calibrate(matched, mismatched, cfg.false_reject_budget, cfg.min_auc, cfg.min_catch)
+    if record_url:
+        storage.write_json(record_url, result.to_json())
+    return result
+
+
 class FilterAlignment(beam.PTransform):
     """Scored assets → `kept` and `rejected` (LOW_ALIGNMENT, detail holds score and cut).
 
-    `top_fraction` computes the run's score quantile with a global combine and applies it
-    as a side input, so the cut is the same on every worker."""
+    `calibrated` learns the cut from the run's matched and mismatched scores
+    (alignment_filter.calibrate, written to `record_url` for run.json); `top_fraction`
+    computes the run's score quantile. Both are a global combine applied as a side input, so
+    the cut is the same on every worker."""
 
-    def __init__(self, cfg: AlignConfig, label: str | None = None):
+    def __init__(self, cfg: AlignConfig, mismatched: beam.PCollection | None = None, record_url: str | None = None,
+                 label: str | None = None):
         super().__init__(label)
         self.cfg = cfg
+        self.mismatched = mismatched
+        self.record_url = record_url
 
     def expand(self, assets: beam.PCollection):
         dofn = _FilterDoFn(self.cfg)
-        if self.cfg.mode != "top_fraction":
+        scores = assets | "Scores" >> beam.FlatMap(lambda a: [a.clip_score] if a.clip_score is not None else [])
+        if self.cfg.mode == "calibrated":
+            if self.mismatched is None:
+                raise ValueError("the calibrated filter needs the mismatched scores (ScoreAlignment's `mismatched`)")
+            both = ((scores | "Matched" >> beam.Map(lambda s: (True, s)),
+                     self.mismatched | "Mismatched" >> beam.Map(lambda s: (False, s)))
+                    | "AllScores" >> beam.Flatten())
+            cutoff = (both | "Collect" >> beam.combiners.ToList()
+                      | "Calibrate" >> beam.Map(_calibrate, self.cfg, self.record_url))
+        elif self.cfg.mode == "top_fraction":
+            cutoff = (scores
+                      | "Quantiles" >> ApproximateQuantiles.Globally(self.cfg.quantile_resolution + 1)
+                      | "Cutoff" >> beam.Map(_cutoff_from_quantiles, self.cfg))
+        else:
             out = assets | "Filter" >> beam.ParDo(dofn).with_outputs(REJECTED, main="kept")
             return StageOutputs(out.kept, out[REJECTED])
-        cutoff = (
-            assets
-            | "Scores" >> beam.FlatMap(lambda a: [a.clip_score] if a.clip_score is not None else [])
-            | "Quantiles" >> ApproximateQuantiles.Globally(self.cfg.quantile_resolution + 1)
-            | "Cutoff" >> beam.Map(_cutoff_from_quantiles, self.cfg)
-        )
         out = assets | "Filter" >> beam.ParDo(dofn, cutoff=beam.pvalue.AsSingleton(cutoff)).with_outputs(
             REJECTED, main="kept")
         return StageOutputs(out.kept, out[REJECTED])

@@ -156,32 +156,28 @@ class _Regroup(beam.DoFn):
         members += [dedup_rules.GroupMember(r.asset_id, False, None, r.asset_id in self.standby) for r in failed]
         winner = dedup_rules.regroup(members)
         rep = next((m.asset_id for m in members if not m.standby), None)
+        if rep is None:  # the representative was taken down: its duplicates keep their prepare-step rows
+            return
         for asset in passed:
             if asset.asset_id == winner:
                 yield asset if asset.cluster_id else asset.replace(cluster_id=group)
-            elif asset.asset_id in self.standby and winner == rep:
-                continue  # the representative stayed: the duplicate keeps its prepare-step row
-            else:  # a duplicate of the member that took the representative's place
+            else:  # a duplicate of the kept member (its score now in its row)
                 yield beam.pvalue.TaggedOutput(REJECTED, self._duplicate(asset, winner, rep, group))
         for rejected in failed:
-            if rejected.asset_id in self.standby and winner == rep:
-                continue
             if rejected.asset_id in self.standby and winner is not None:
                 rejected = self._duplicate(rejected, winner, rep, group)
-            yield beam.pvalue.TaggedOutput(REJECTED, rejected)  # failed on its own (the whole group did)
+            yield beam.pvalue.TaggedOutput(REJECTED, rejected)  # else: failed on its own (the whole group did)
         if winner != rep:
-            if winner is None:
-                self.lost.inc()
-            else:
-                self.promoted.inc()
-            for m in members:
-                if m.standby:
-                    yield beam.pvalue.TaggedOutput(self.REPLACED, m.asset_id)
+            (self.lost if winner is None else self.promoted).inc()
+        for m in members:
+            if m.standby:  # its prepare-step row is replaced by the one above
+                yield beam.pvalue.TaggedOutput(self.REPLACED, m.asset_id)
 
-    def _duplicate(self, item: Asset | Rejected, winner: str, rep: str | None, group: str) -> Rejected:
-        """The member's prepare-step duplicate row, pointing at the member that was kept instead."""
+    def _duplicate(self, item: Asset | Rejected, winner: str, rep: str, group: str) -> Rejected:
+        """The member's prepare-step duplicate row, pointing at the member the group kept, with
+        the member's own score."""
         stage, reason, detail = self.standby[item.asset_id]
-        note = f"; kept instead: {winner}, since the representative {rep} failed alignment" if rep else ""
+        note = f"; kept instead: {winner}, since the representative {rep} failed alignment" if winner != rep else ""
         fields = dict(stage=stage, reason=RejectReason(reason), detail=(detail + note)[:2000], dup_of=winner,
                       cluster_id=group)
         return dataclasses.replace(item, **fields) if isinstance(item, Rejected) else item.reject(**fields)

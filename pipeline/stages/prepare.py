@@ -524,10 +524,10 @@ class Decide(beam.DoFn):
 class WriteShardFromRecords(beam.DoFn):
     """(shard, [(key, record pointer, cluster_id)]) -> tar + metadata Parquet; emits the index entry."""
 
-    def __init__(self, out_dir: str):
+    def __init__(self, out_dir: str, counter: str = "samples_written"):
         super().__init__()
         self.out_dir = out_dir
-        self.written = Metrics.counter(Stage.STORE, "samples_written")
+        self.written = Metrics.counter(Stage.STORE, counter)  # store/samples_written: the prepared store's
 
     def process(self, item: tuple[int, Iterable[tuple[str, str, str | None]]]) -> Iterator[dict[str, Any]]:
         shard, members = item

@@ -20,6 +20,7 @@ WORK = "_work"
 LOGS = "_logs"
 PREPARED = "_work/prepared"
 STANDBY = "_work/prepared/standby"  # the duplicates of kept assets, re-decided after alignment
+CALIBRATION = "_work/alignment-calibration.json"  # the calibrated filter's measurements, for run.json
 STAGING = "_work/staging"
 SLICES = "_work/slices"
 DECISIONS = "_work/decisions"

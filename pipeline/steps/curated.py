@@ -14,9 +14,9 @@ from pipeline.progress import Progress, counted
 from pipeline.runner import run_beam
 from pipeline.stages.dedup import DedupSemantic, RegroupAfterAlignment
 from pipeline.stages.ingest import read_chunks
-from pipeline.stages.store import ReadCuratedStore, StageImages, WriteCuratedStore, write_index
-from pipeline.steps.context import (DECISIONS, PREPARED, SLICES, STAGING, STANDBY, WORK, NothingToDo, RunContext,
-                                    WorkerDied, clip_config, copy_file)
+from pipeline.stages.store import StageImages, WriteCuratedStore, write_index
+from pipeline.steps.context import (CALIBRATION, DECISIONS, PREPARED, SLICES, STAGING, STANDBY, WORK, NothingToDo,
+                                    RunContext, WorkerDied, clip_config, copy_file)
 from pipeline.takedown import taken_down
 
 log = logging.getLogger(__name__)
@@ -52,10 +52,11 @@ def build_prepare_graph(p: beam.Pipeline, ctx: RunContext, progress: Progress | 
     )
     for label, members, folder in (("", plan.shards, ctx.path(PREPARED)),
                                    ("Standby", plan[prepare.Decide.STANDBY], ctx.path(STANDBY))):
+        counter = "standby_written" if label else "samples_written"
         _ = (
             members
             | f"GroupBy{label}Shard" >> beam.GroupByKey()
-            | f"Write{label}Shards" >> beam.ParDo(prepare.WriteShardFromRecords(folder))
+            | f"Write{label}Shards" >> beam.ParDo(prepare.WriteShardFromRecords(folder, counter))
             | f"Collect{label}Index" >> beam.combiners.ToList()
             | f"Write{label}Index" >> beam.Map(lambda shards, folder=folder: write_index(folder, shards))
         )
@@ -118,7 +119,25 @@ def step_clip(ctx: RunContext):
         raise NothingToDo("no curated images to train the CLIP on: every row was rejected before alignment "
                           "(see the ledger: OUT/_work/prepared/ledger/)")
     info = train_clip(clip, ctx.cfg.clip_train, shards, ctx.path("models", "clip"))
-    return {}, {"trained": True, **{k: v for k, v in info.items() if isinstance(v, (int, float, str, bool))}}
+    info = {"trained": True, **{k: v for k, v in info.items() if isinstance(v, (int, float, str, bool))}}
+    folds = fold_weights(ctx)
+    for k, weights in enumerate(folds):  # out-of-fold scoring: model k never sees fold k's rows
+        fold = train_clip(clip, ctx.cfg.clip_train, shards, weights.rsplit("/", 1)[0], holdout=(k, len(folds)))
+        info[f"fold_{k}_final_loss"] = fold.get("final_loss")
+    if folds:
+        info["folds"] = len(folds)
+    return {}, info
+
+
+def fold_weights(ctx: RunContext) -> tuple[str, ...]:
+    """The out-of-fold CLIPs the align step scores with: K of them when this run trains its own
+    CLIP and filters by score (align.folds >= 2, mode not off); none otherwise (a CLIP the user
+    brings never saw this data, so it scores every row itself)."""
+    align = ctx.cfg.align
+    if align.clip.weights or align.folds < 2 or align.mode == "off":
+        return ()
+    return tuple(ctx.path("models", "clip", f"fold-{k}-of-{align.folds}", "clip.safetensors")
+                 for k in range(align.folds))
 
 
 # ----------------------------------------------------------------------------- step: align
@@ -152,20 +171,21 @@ def standby_rows(ctx: RunContext) -> dict[str, tuple[str, str, str]]:
 def build_align_graph(p: beam.Pipeline, ctx: RunContext, progress: Progress | None = None) -> None:
     """C: score every prepared asset (and every duplicate on standby) with CLIP, filter,
     re-decide the duplicate groups, (semantic dedup), write the store and the ledger."""
-    from pipeline.stages.align import FilterAlignment, KeptEmbeddings, ScoreAlignment, WriteEmbeddings
+    from pipeline.stages.align import FilterAlignment, KeptEmbeddings, ScoreAlignment, WriteEmbeddings, read_batches
 
     cfg = ctx.cfg
-    assets = p | "ReadPrepared" >> ReadCuratedStore(ctx.path(PREPARED))
     standby = standby_rows(ctx)
-    if standby:
-        assets = (assets, p | "ReadStandby" >> ReadCuratedStore(ctx.path(STANDBY))) | "WithStandby" >> beam.Flatten()
+    shard_urls = [u for store in (PREPARED, STANDBY) if store == PREPARED or standby
+                  for u in storage.list_files(ctx.path(store), "images-*.tar")]
+    batches = (p | "ShardUrls" >> beam.Create(shard_urls)
+               | "ReadBatches" >> beam.FlatMap(read_batches, cfg.align.clip.batch_size))
     earlier = p | "PreparedLedger" >> beam.Create([ctx.path(PREPARED, "ledger")]) \
         | "EarlierRejections" >> beam.FlatMap(_earlier_rejections)
     curated = ctx.path("curated")
     align_cfg = dataclasses.replace(cfg.align, clip=clip_config(ctx))
-    scored = counted(assets, progress) | "ScoreAlignment" >> ScoreAlignment(align_cfg)
+    scored = counted(batches, progress, weight=len) | "ScoreAlignment" >> ScoreAlignment(align_cfg, fold_weights(ctx))
     staged = scored.kept | "StageImages" >> beam.ParDo(StageImages(ctx.path(STAGING)))
-    filtered = staged | "FilterAlignment" >> FilterAlignment(align_cfg)
+    filtered = staged | "FilterAlignment" >> FilterAlignment(align_cfg, scored.mismatched, ctx.path(CALIBRATION))
     kept = filtered.kept
     rejections = [scored.rejected, filtered.rejected]
     if standby:  # dedup and alignment agree: a group keeps a member that passed, if any did
@@ -212,5 +232,9 @@ def step_align(ctx: RunContext):
     ledger.point_duplicates_at_kept(ctx.out)
     storage.remove_tree(ctx.path(STAGING))
     index = storage.read_json(ctx.path("curated", "index.json"))
-    return counters, {"samples": index["samples"], "shards": len(index["shards"]),
-                      "clip_weights": clip_config(ctx).weights}
+    info = {"samples": index["samples"], "shards": len(index["shards"]), "clip_weights": clip_config(ctx).weights,
+            "mode": ctx.cfg.align.mode, "scored_out_of_fold": len(fold_weights(ctx))}
+    if storage.exists(ctx.path(CALIBRATION)):
+        info["calibration"] = storage.read_json(ctx.path(CALIBRATION))
+        storage.remove_tree(ctx.path(CALIBRATION))
+    return counters, info

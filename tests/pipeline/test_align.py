@@ -70,8 +70,10 @@ def run_align(assets: list[Asset], cfg: AlignConfig, out_dir: str | None = None)
     _SINK.clear()
 
     pipeline = TestPipeline()
-    scored = pipeline | beam.Create(assets, reshuffle=False) | ScoreAlignment(cfg)
-    filtered = scored.kept | FilterAlignment(cfg)
+    bs = cfg.clip.batch_size
+    batches = [assets[i:i + bs] for i in range(0, len(assets), bs)]
+    scored = pipeline | beam.Create(batches, reshuffle=False) | ScoreAlignment(cfg)
+    filtered = scored.kept | FilterAlignment(cfg, scored.mismatched)
     _ = filtered.kept | "k" >> collect("kept")
     _ = (scored.rejected, filtered.rejected) | beam.Flatten() | "r" >> collect("rejected")
     _ = scored.embeddings | "e" >> collect("emb")

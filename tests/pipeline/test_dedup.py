@@ -280,6 +280,16 @@ def test_hash_step_trusts_an_upstream_full_frame_phash_and_rejects_what_it_canno
 # --------------------------------------------------------------------------- semantic, under Beam
 
 
+def _check_and_run(p: TestPipeline, **checks) -> dict[str, int]:
+    """Attach `assert_that(pcoll, check)` for each label=(pcoll, check), run, return the counters."""
+    for label, (pcoll, check) in checks.items():
+        assert_that(pcoll, check, label=label)
+    result = p.run()
+    result.wait_until_finish()
+    return {f"{c.key.metric.namespace}/{c.key.metric.name}": c.committed
+            for c in result.metrics().query(MetricsFilter())["counters"]}
+
+
 def test_semantic_stage_synthetic_embeddings(corpus) -> None:
     """SemDeDup bookkeeping with plain vectors: a1 ~ flip-a5 (cos ~0.999) merge; a2 and a3
     (cos 0.8) do not; an asset without an embedding passes through."""
@@ -306,12 +316,7 @@ def test_semantic_stage_synthetic_embeddings(corpus) -> None:
     p = TestPipeline()
     emb = p | "Emb" >> beam.Create(list(e.items()))
     kept, rejected = p | "Assets" >> beam.Create(assets) | DedupSemantic(cfg, emb)
-    assert_that(kept, check_kept, label="CheckKept")
-    assert_that(rejected, check_rejected, label="CheckRejected")
-    result = p.run()
-    result.wait_until_finish()
-    counters = {f"{c.key.metric.namespace}/{c.key.metric.name}": c.committed
-                for c in result.metrics().query(MetricsFilter())["counters"]}
+    counters = _check_and_run(p, check_kept=(kept, check_kept), check_rejected=(rejected, check_rejected))
     assert counters["dedup_semantic/in"] == 5
     assert counters["dedup_semantic/kept"] == 4
     assert counters["dedup_semantic/rejected/SEMANTIC_DUPLICATE"] == 1
@@ -407,7 +412,8 @@ def test_regroup_keeps_a_member_that_passed_unless_every_member_failed() -> None
 
 def test_regroup_stage_rewrites_only_the_groups_whose_representative_failed(corpus) -> None:
     """Under Beam: a3's group (a3 failed, small-a3 passed, a5 failed) keeps small-a3, and the
-    ledger rows of small-a3 and a5 (now a duplicate of small-a3) are replaced; a4's group (a4 passed) is untouched; a1's group (both failed) is
+    ledger rows of small-a3 and a5 (now a duplicate of small-a3) are replaced; in a4's group (a4
+    passed) wm-a4 stays a duplicate of a4, its row now with its score; a1's group (both failed) is
     lost, each member for its own alignment; a singleton passes through."""
     from pipeline.stages.dedup import RegroupAfterAlignment
 
@@ -429,21 +435,18 @@ def test_regroup_stage_rewrites_only_the_groups_whose_representative_failed(corp
         got = sorted((r.asset_id, r.stage, r.reason.value, r.dup_of) for r in actual)
         assert got == [("a1", "align", "LOW_ALIGNMENT", None), ("a3", "align", "LOW_ALIGNMENT", None),
                        ("a5", "dedup_near", "NEAR_DUPLICATE", "small-a3"),  # points at the member kept instead
+                       ("wm-a4", "dedup_near", "NEAR_DUPLICATE", "a4"),  # its row again, with its score
                        ("z-copy-a1", "align", "LOW_ALIGNMENT", None)]
-        assert "kept instead: small-a3" in next(r.detail for r in actual if r.asset_id == "a5")
+        detail = {r.asset_id: r.detail for r in actual}
+        assert "kept instead: small-a3" in detail["a5"] and detail["wm-a4"] == "pHash Hamming distance 3 to a4"
 
     def check_replaced(actual: list[str]) -> None:
-        assert sorted(actual) == ["a5", "small-a3", "z-copy-a1"]  # wm-a4 keeps its prepare-step row
+        assert sorted(actual) == ["a5", "small-a3", "wm-a4", "z-copy-a1"]  # every duplicate scored
 
     p = TestPipeline()
     kept, rejected, replaced = ((p | "Passed" >> beam.Create(passed), p | "Failed" >> beam.Create(failed))
                                 | RegroupAfterAlignment(standby))
-    assert_that(kept, check_kept, label="CheckKept")
-    assert_that(rejected, check_rejected, label="CheckRejected")
-    assert_that(replaced, check_replaced, label="CheckReplaced")
-    result = p.run()
-    result.wait_until_finish()
-    counters = {f"{c.key.metric.namespace}/{c.key.metric.name}": c.committed
-                for c in result.metrics().query(MetricsFilter())["counters"]}
+    counters = _check_and_run(p, check_kept=(kept, check_kept), check_rejected=(rejected, check_rejected),
+                              check_replaced=(replaced, check_replaced))
     assert counters["align/groups_kept_by_another_member"] == 1
     assert counters["align/groups_lost_every_member_failed"] == 1

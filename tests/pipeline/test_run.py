@@ -290,7 +290,9 @@ def test_align_step_with_semantic_dedup_keeps_the_ledger_whole(tiny_corpus, tmp_
     assert {"dup-exact", "dup-near"} <= {r["asset_id"] for r in dups}
     assert all(r["dup_of"] in kept for r in dups)  # a duplicate always points at a kept asset
     standby = pq.read_table(tmp_path / "out" / "_work" / "prepared" / "standby" / "metadata-000000.parquet")
-    assert set(standby.column("asset_id").to_pylist()) == {"dup-exact", "dup-near"}  # scored, kept on standby
+    prepared = {r["asset_id"] for r in dups if r["stage"] in ("dedup_exact", "dedup_near")}
+    assert set(standby.column("asset_id").to_pylist()) == prepared  # kept on standby, then scored:
+    assert all(r["clip_score"] is not None for r in dups)  # every duplicate's row holds its score
     assert report.summary.rows_in == len(rows) == tiny_corpus["rows"]
     urls = sorted(str(p) for p in (tmp_path / "out" / "curated").glob("embeddings-*.parquet"))
     assert set(read_embeddings(urls).keys) == {r["key"] for r in rows if r["status"] == "kept"}
