@@ -29,6 +29,19 @@ def write_jsonl(path: Path, rows: list[dict | str]) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch intra-op thread for a module's tests: tiny models on a shared 2-core box (a
+    second thread mostly waits at barriers: measured 5 ms vs 0.5-1.8 s per VQ step under load),
+    and bit-identical comparisons need the same thread count in every run."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def demo_dir() -> Path:
     return DEMO

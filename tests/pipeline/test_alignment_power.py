@@ -13,7 +13,6 @@ from __future__ import annotations
 import io
 import json
 import random
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +25,7 @@ from pipeline.alignment_filter import calibrate, fold_of, mismatch_pairs
 from pipeline.clip import ClipEmbedder, train_clip
 from pipeline.clip.train import _training_pairs
 from pipeline.config import ClipConfig, ClipTrainConfig
+from tokenizer import shards
 
 FOLDS = 2
 N_ROWS = 720  # 20 per colour x shape x background class; each fold model trains on ~360
@@ -36,19 +36,13 @@ TRAIN = dict(max_steps=100, batch_size=64, warmup_steps=10, lr=1e-3, checkpoint_
              progress=False, num_threads=1)
 
 
-def write_shard(url: str, rows: list[tuple[str, bytes, list[str]]]) -> str:
-    """A curated-store tar shard: KEY.jpg + KEY.json (asset_id, key, captions), sorted by key."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for key, asset_id, image, captions in sorted((storage.asset_key(a), a, i, c) for a, i, c in rows):
-            meta = json.dumps({"asset_id": asset_id, "key": key, "captions": captions,
-                               "license_id": "CC0-1.0", "cluster_id": None}).encode()
-            for name, data in ((f"{key}.jpg", image), (f"{key}.json", meta)):
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    storage.write_bytes(url, buf.getvalue())
-    return url
+def write_rows(folder: Path, rows: list[tuple[str, bytes, list[str]]]) -> str:
+    """(asset_id, image, captions) rows as one curated-store shard, through the store's own
+    writer (tokenizer.shards); returns the tar's path."""
+    samples = sorted((storage.asset_key(a), image, {"asset_id": a, "captions": captions, "license_id": "CC0-1.0"})
+                     for a, image, captions in rows)
+    folder.mkdir(parents=True, exist_ok=True)
+    return str(folder / shards.write_shard(str(folder), 0, samples)["tar"])
 
 
 def score_rows(emb: ClipEmbedder, rows, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -80,7 +74,7 @@ def out_of_fold_scores(rows, shard_urls: list[str], base: Path, seed: int) -> tu
 def swapped_corpus(tmp_path_factory):
     rows, swapped = swap_captions(shapes_corpus(N_ROWS, seed=0), SWAP_FRACTION, seed=0)
     base = tmp_path_factory.mktemp("shapes")
-    url = write_shard(str(base / "images-000000.tar"), [(r.asset_id, r.image, [r.caption]) for r in rows])
+    url = write_rows(base, [(r.asset_id, r.image, [r.caption]) for r in rows])
     return rows, swapped, [url], base
 
 
@@ -115,7 +109,7 @@ def test_shapes_corpus_is_deterministic_and_captions_describe_the_image(tmp_path
 
 def test_holdout_stream_skips_exactly_the_held_out_fold(tmp_path):
     rows = [(f"a{i}", f"img{i}".encode(), [f"cap{i}"]) for i in range(60)]
-    url = write_shard(str(tmp_path / "s.tar"), rows)
+    url = write_rows(tmp_path, rows)
     for k in range(FOLDS):
         stream = _training_pairs([url], 8, random.Random(0), holdout=(k, FOLDS))
         seen = {next(stream)[1] for _ in range(600)}

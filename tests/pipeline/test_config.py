@@ -57,8 +57,6 @@ def test_cli_reports_configuration_errors(tmp_path, capsys):
 
 
 def test_train_commands_on_an_existing_curated_store(tiny_corpus, tmp_path, capsys):
-    import json
-
     from pipeline.config import AlignConfig
     from pipeline.run import run
     from tokenizer.text import load_bpe

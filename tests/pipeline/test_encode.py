@@ -28,12 +28,8 @@ TINY = VQConfig(name="test-tiny", resolution=64, patch_size=2, base_channels=16,
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Single-threaded torch: on a loaded 2-core machine a second thread mostly waits at barriers."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _single_threaded(one_torch_thread):
+    """Every test here runs with one torch thread (tests/conftest.py)."""
 
 
 @pytest.fixture(scope="module")

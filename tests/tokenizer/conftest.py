@@ -39,13 +39,8 @@ TINY = VQConfig(
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny convs on a shared 2-core box: a second OpenMP thread mostly waits at barriers
-    (measured 5 ms vs 0.5-1.8 s per step under load), so tests run single-threaded."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _single_threaded(one_torch_thread):
+    """Every test here runs with one torch thread (tests/conftest.py)."""
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,23 @@ FAST = dict(batch_size=4, crop_size=32, crops_per_image=2, shuffle_buffer=16, ev
             warmup_steps=2, progress=False, final_eval=False, eval_batch_size=4)
 
 
+def _preempt_at_batch(monkeypatch, index: int):
+    """Make VQ training die (KeyboardInterrupt, as a preempted job) when it asks for batch
+    `index` (0-based); returns the real batch iterator, to put back."""
+    import tokenizer.vq.train as train_mod
+
+    real_iter = train_mod.iter_batches
+
+    def preempted(*args, **kwargs):
+        for i, batch in enumerate(real_iter(*args, **kwargs)):
+            if i == index:
+                raise KeyboardInterrupt("preempted")
+            yield batch
+
+    monkeypatch.setattr(train_mod, "iter_batches", preempted)
+    return real_iter
+
+
 def test_resume_continues_exactly_where_it_stopped(tmp_path, tiny_cfg, curated_store, monkeypatch):
     import tokenizer.vq.train as train_mod
 
@@ -21,15 +38,7 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path, tiny_cfg, curated_s
     cfg = dict(FAST, max_steps=6, checkpoint_every=3)
     train_vq(tiny_cfg, cfg, urls, str(tmp_path / "a"))
 
-    real_iter = train_mod.iter_batches
-
-    def preempted(*args, **kwargs):  # the job dies when it asks for the 4th batch
-        for i, batch in enumerate(real_iter(*args, **kwargs)):
-            if i == 3:
-                raise KeyboardInterrupt("preempted")
-            yield batch
-
-    monkeypatch.setattr(train_mod, "iter_batches", preempted)
+    real_iter = _preempt_at_batch(monkeypatch, 3)  # the job dies when it asks for the 4th batch
     with pytest.raises(KeyboardInterrupt):
         train_vq(tiny_cfg, cfg, urls, str(tmp_path / "b"))
     assert json.loads((tmp_path / "b" / "vq-train.json").read_text())["step"] == 3
@@ -131,15 +140,7 @@ def test_adversarial_term_trains_and_resumes_its_discriminator(tmp_path, tiny_cf
     urls, train = curated_store["urls"], dict(FAST, max_steps=6, checkpoint_every=3)
     train_vq(cfg, train, urls, str(tmp_path / "straight"))
 
-    real_iter = train_mod.iter_batches
-
-    def preempted(*args, **kwargs):  # the job dies when it asks for the 5th batch
-        for i, batch in enumerate(real_iter(*args, **kwargs)):
-            if i == 4:
-                raise KeyboardInterrupt("preempted")
-            yield batch
-
-    monkeypatch.setattr(train_mod, "iter_batches", preempted)
+    real_iter = _preempt_at_batch(monkeypatch, 4)  # the job dies when it asks for the 5th batch
     with pytest.raises(KeyboardInterrupt):
         train_vq(cfg, train, urls, str(tmp_path / "resumed"))
     assert (tmp_path / "resumed" / "vq-disc-optim.safetensors").exists()

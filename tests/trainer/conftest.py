@@ -16,8 +16,6 @@ import fsspec
 import numpy as np
 import pytest
 
-import torch
-
 from pipeline.storage import write_bytes
 from tokenizer.cm3 import CM3Format, build_document, build_sequence
 from tokenizer.text import train_bpe
@@ -136,10 +134,5 @@ def memory_token_shards(token_shards) -> str:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread: tiny matrices on a shared 2-core box (a second thread only waits),
-    and bit-identical comparisons need the same thread count in every run."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _single_threaded(one_torch_thread):
+    """Every test here runs with one torch thread (tests/conftest.py)."""
