@@ -33,7 +33,7 @@ import torch
 
 from tokenizer.vocab import JointVocab
 from trainer.config import TrainLMConfig
-from trainer.data import TokenShardDataset, mask_overhead
+from trainer.dataset import TokenShardDataset, mask_overhead
 from trainer.model import CM3LM, get_lm_config
 from trainer.train import LOG, build_optimizer, train_lm, weighted_nll
 

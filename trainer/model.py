@@ -23,7 +23,7 @@ from torch import nn
 
 from tokenizer.shards import write_bytes_atomic
 from trainer.config import LMConfig, get_lm_config, lm_config_names
-from trainer.data import document_attention_mask
+from trainer.collate import document_attention_mask
 
 __all__ = ["CM3LM", "LMConfig", "get_lm_config", "lm_config_names", "load_lm", "read_lm_meta", "save_lm"]
 
@@ -96,7 +96,7 @@ class CM3LM(nn.Module):
     """tokens [B, T] (+ position_ids, document_ids from the reader's `Batch`) -> logits [B, T, V].
 
     Without `document_ids` attention is plain causal; with them (packed rows) it is causal inside
-    each document (`trainer.data.document_attention_mask`), so packed documents never see each
+    each document (`trainer.collate.document_attention_mask`), so packed documents never see each
     other. Without `position_ids` positions are 0..T-1.
     """
 

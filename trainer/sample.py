@@ -211,7 +211,7 @@ def neighbour_documents(tokens_dir: str, keys: Sequence[str], scores: Sequence[f
     """The documents of `keys` as stored in a run's token shards: a document's own sequence
     (keyed by it) ends with it as the main document. A key without a sequence (rejected as
     too long, say) is skipped with a warning."""
-    from trainer.data import TokenShardDataset
+    from trainer.dataset import TokenShardDataset
 
     dataset = TokenShardDataset(tokens_dir, mask=None)
     out = []

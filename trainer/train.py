@@ -36,7 +36,8 @@ from tqdm.auto import tqdm
 from tokenizer.cm3 import MaskConfig
 from tokenizer.shards import write_bytes_atomic
 from trainer.config import LMConfig, TrainLMConfig, add_train_lm_flags, get_lm_config, train_lm_overrides
-from trainer.data import Batch, ShardLoader
+from trainer.collate import Batch
+from trainer.data import ShardLoader
 from trainer.model import CM3LM, save_lm
 
 log = logging.getLogger(__name__)

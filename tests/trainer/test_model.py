@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from trainer.data import document_attention_mask
+from trainer.collate import document_attention_mask
 from trainer.model import CM3LM, LMConfig, get_lm_config, lm_config_names, load_lm, read_lm_meta, save_lm
 
 VOCAB = 300
