@@ -16,7 +16,9 @@ import pytest
 import torch
 
 from tokenizer.cm3 import MaskConfig, unmask
-from trainer.data import PAD_DOCUMENT, GlobalBatchSampler, ShardLoader, TokenShardDataset, document_attention_mask, provenance
+from trainer.collate import PAD_DOCUMENT, document_attention_mask
+from trainer.data import GlobalBatchSampler, ShardLoader
+from trainer.dataset import TokenShardDataset, provenance
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "shards.md"
 GBS = 6  # 40 sequences -> 6 full global batches and a partial one of 4
@@ -467,7 +469,7 @@ def test_shards_without_answer_start_keep_the_usual_loss_mask(token_shards, sft_
 def test_sft_copies_of_a_document_share_its_side_of_the_split():
     from pipeline.stages.tokens import sft_key
     from tokenizer.shards import is_heldout
-    from trainer.data import document_key
+    from trainer.dataset import document_key
 
     keys = [f"{i:016x}" for i in range(400)]
     for key in keys:
