@@ -29,64 +29,21 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import load as load_safetensors_bytes
-from safetensors.torch import save as save_safetensors_bytes
 from tqdm.auto import tqdm
 
 from tokenizer.cm3 import MaskConfig
 from tokenizer.shards import write_bytes_atomic
-from trainer.config import LMConfig, TrainLMConfig, add_train_lm_flags, get_lm_config, train_lm_overrides
+from trainer.checkpoint import (CHECKPOINT, check_resumable, gather_rng, read_checkpoint, restore_optimizer,
+                                restore_rng, save_checkpoint, url_exists)
 from trainer.collate import Batch
+from trainer.config import TrainLMConfig, add_train_lm_flags, get_lm_config, train_lm_overrides
 from trainer.data import ShardLoader
 from trainer.model import CM3LM, save_lm
+from trainer.ranks import Ranks, init_ranks, resolve_device
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT = "lm-train.safetensors"  # everything a resume needs, in one atomically written file
-CHECKPOINT_FORMAT = "cm3curate-lm-train/1"
 LOG = "train-log.jsonl"
-# TrainLMConfig fields that shape the optimisation: a resumed run must agree on every one
-RESUME_FIELDS = ("model", "global_batch_size", "lr", "warmup_steps", "min_lr_ratio", "weight_decay", "betas",
-                 "grad_clip", "seed", "pack", "seq_len", "mask", "precision")
-
-
-# processes -------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class Ranks:
-    """Where this process sits: torchrun's RANK / WORLD_SIZE / LOCAL_RANK, or one process."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    owns_group: bool = False  # we initialised the process group, so we tear it down
-    device: torch.device = torch.device("cpu")  # where collectives run (nccl needs CUDA tensors)
-
-    def sum(self, values: torch.Tensor) -> torch.Tensor:
-        """All-reduce (sum) over ranks, returned on the CPU; a no-op on one process."""
-        if self.world_size == 1:
-            return values.cpu()
-        values = values.to(self.device)
-        dist.all_reduce(values)
-        return values.cpu()
-
-
-def init_ranks(device_type: str) -> Ranks:
-    """Join torchrun's process group (gloo on CPU, nccl on CUDA) when WORLD_SIZE > 1."""
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if dist.is_available() and dist.is_initialized():
-        return Ranks(dist.get_rank(), dist.get_world_size(), local_rank)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        return Ranks()
-    if device_type == "cuda":
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
-    return Ranks(dist.get_rank(), world_size, local_rank, owns_group=True)
-
-
-def resolve_device(cfg: TrainLMConfig, local_rank: int = 0) -> torch.device:
-    kind = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    return torch.device(kind, local_rank) if kind == "cuda" else torch.device("cpu")
 
 
 # schedule and loss -----------------------------------------------------------------------------
@@ -137,87 +94,6 @@ def micro_batches(batch: Batch, rows_per_micro: int | None, device: torch.device
              for k in fields} for start in range(0, num_rows, size)]
 
 
-# checkpoints -----------------------------------------------------------------------------------
-def _exists(url: str) -> bool:
-    fs, path = fsspec.core.url_to_fs(url)
-    return fs.exists(path)
-
-
-def save_checkpoint(url: str, model: CM3LM, opt: torch.optim.Optimizer, meta: dict[str, Any],
-                    rng: dict[str, torch.Tensor]) -> None:
-    """Weights, AdamW state (tensors; param_groups in the metadata), RNG states and `meta` in one
-    safetensors file, written to a temp name and renamed: a kill never leaves half a checkpoint."""
-    tensors = {f"model/{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    optim = opt.state_dict()
-    for index, state in optim["state"].items():
-        for name, value in state.items():
-            tensors[f"optim/{index}/{name}"] = (value if torch.is_tensor(value) else torch.tensor(value)).detach().cpu()
-    tensors.update({f"rng/{k}": v.cpu() for k, v in rng.items()})
-    meta = {**meta, "param_groups": optim["param_groups"]}
-    metadata = {"format": CHECKPOINT_FORMAT, "meta": json.dumps(meta)}
-    write_bytes_atomic(url, save_safetensors_bytes(tensors, metadata=metadata))
-
-
-def read_checkpoint(url: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(tensors, meta) of a checkpoint written by `save_checkpoint`."""
-    with fsspec.open(url, "rb") as handle:
-        data = handle.read()
-    header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])  # safetensors: u64 size, JSON header
-    if header.get("__metadata__", {}).get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{url} is not a {CHECKPOINT_FORMAT} checkpoint")
-    return load_safetensors_bytes(data), json.loads(header["__metadata__"]["meta"])
-
-
-def _restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], param_groups: list) -> None:
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for name, value in tensors.items():
-        if name.startswith("optim/"):
-            _, index, key = name.split("/", 2)
-            state.setdefault(int(index), {})[key] = value
-    opt.load_state_dict({"state": state, "param_groups": param_groups})
-
-
-def _gather_rng(ranks: Ranks, device: torch.device) -> dict[str, torch.Tensor]:
-    """Every rank's torch RNG state (CPU and CUDA), keyed by rank: dropout draws from them."""
-    mine = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        mine["cuda"] = torch.cuda.get_rng_state(device)
-    states = [mine]
-    if ranks.world_size > 1:
-        states = [None] * ranks.world_size  # type: ignore[list-item]
-        dist.all_gather_object(states, mine)
-    return {f"torch/{kind}/{rank}": state for rank, got in enumerate(states) for kind, state in got.items()}
-
-
-def _restore_rng(tensors: dict[str, torch.Tensor], meta: dict[str, Any], ranks: Ranks, device: torch.device) -> None:
-    if meta["world_size"] != ranks.world_size:
-        log.warning("resuming %d ranks from a checkpoint of %d: torch RNG states are reseeded (the run is "
-                    "equivalent, not bit-identical)", ranks.world_size, meta["world_size"])
-        torch.manual_seed(meta["seed"] * 1_000_003 + meta["step"] * 101 + ranks.rank)
-    else:
-        torch.set_rng_state(tensors[f"rng/torch/cpu/{ranks.rank}"])
-        if device.type == "cuda" and f"rng/torch/cuda/{ranks.rank}" in tensors:
-            torch.cuda.set_rng_state(tensors[f"rng/torch/cuda/{ranks.rank}"], device)
-    kind, keys, pos, has_gauss, gauss = meta["numpy_rng"]
-    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
-
-
-def check_resumable(saved: dict[str, Any], cfg: TrainLMConfig, lm_cfg: LMConfig, url: str) -> None:
-    """Refuse, naming every difference, a checkpoint trained with other settings."""
-    mine = cfg.to_dict()
-    wrong = [f"{k}: checkpoint {saved['train'][k]!r} vs now {mine[k]!r}"
-             for k in RESUME_FIELDS if saved["train"][k] != mine[k]]
-    old_cfg = TrainLMConfig.from_dict(saved["train"])
-    if old_cfg.schedule_steps != cfg.schedule_steps:
-        wrong.append(f"LR schedule length (decay_steps or max_steps): checkpoint {old_cfg.schedule_steps} vs now "
-                     f"{cfg.schedule_steps}; keep it with decay_steps={old_cfg.schedule_steps}")
-    if saved["lm"] != lm_cfg.to_dict():
-        wrong.append(f"model config: checkpoint {saved['lm']} vs now {lm_cfg.to_dict()}")
-    if wrong:
-        raise ValueError(f"{url} was trained with other settings; use a new output folder or the same settings: "
-                         + "; ".join(wrong))
-
-
 # the loop --------------------------------------------------------------------------------------
 def _endless(loader: ShardLoader) -> Iterator[Batch]:
     while True:
@@ -245,7 +121,7 @@ def evaluate(model: CM3LM, loader: ShardLoader, cfg: TrainLMConfig, ranks: Ranks
 
 
 def _read_log(url: str, upto_step: int) -> list[dict[str, Any]]:
-    if not _exists(url):
+    if not url_exists(url):
         return []
     with fsspec.open(url, "rt") as handle:
         rows = [json.loads(line) for line in handle if line.strip()]
@@ -294,14 +170,14 @@ def _train(tokens_dir: str, out: str, cfg: TrainLMConfig, ranks: Ranks, device: 
 
     checkpoint_url, log_url = f"{out}/{CHECKPOINT}", f"{out}/{LOG}"
     step, elapsed_before, history = 0, 0.0, []
-    if _exists(checkpoint_url):
+    if url_exists(checkpoint_url):
         if not cfg.resume:
             raise ValueError(f"{out} holds a checkpoint and resume is off: use a new output folder")
         tensors, meta = read_checkpoint(checkpoint_url)
         check_resumable(meta, cfg, lm_cfg, checkpoint_url)
         model.load_state_dict({k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")})
-        _restore_optimizer(opt, tensors, meta["param_groups"])
-        _restore_rng(tensors, meta, ranks, device)
+        restore_optimizer(opt, tensors, meta["param_groups"])
+        restore_rng(tensors, meta, ranks, device)
         loader.load_state_dict(meta["reader"])
         step, elapsed_before = int(meta["step"]), float(meta["elapsed_s"])
         history = _read_log(log_url, step)  # rows logged after the checkpoint belong to the lost steps
@@ -321,7 +197,7 @@ def _train(tokens_dir: str, out: str, cfg: TrainLMConfig, ranks: Ranks, device: 
     def checkpoint() -> None:
         nonlocal saved_at
         saved_at = step
-        rng = _gather_rng(ranks, device)  # every rank takes part
+        rng = gather_rng(ranks, device)  # every rank takes part
         if writer:
             np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
             meta = {"step": step, "elapsed_s": elapsed, "seed": cfg.seed, "world_size": ranks.world_size,

@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from trainer.checkpoint import CHECKPOINT, read_checkpoint
 from trainer.config import TrainLMConfig
 from trainer.model import load_lm
-from trainer.train import CHECKPOINT, LOG, lr_at, read_checkpoint, train_lm
+from trainer.train import LOG, lr_at, train_lm
 
 REPO = Path(__file__).resolve().parents[2]
 DOCS = REPO / "docs" / "training.md"
