@@ -13,14 +13,13 @@ Decoding is constrained so that every sample is well formed whatever the model h
 A token is drawn from the allowed ids themselves (never "mask and hope"), with temperature and
 nucleus (top-p) sampling from a seeded `torch.Generator`: same model, prompt and settings, same
 sample. Decoding runs on a key/value cache (`trainer.kv_cache`), one token's work per step.
-`write_samples` does it all from a run's output folder and writes `OUT/samples/`
-(docs/training.md#sampling).
+`write_samples` does it all from a run's output folder (its models loaded by
+`trainer.run_models`) and writes `OUT/samples/` (docs/training.md#sampling).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import io
 import json
@@ -29,19 +28,18 @@ import time
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
-import fsspec
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from trainer.config import SampleConfig  # noqa: F401  (re-exported: the sampling API)
 from tokenizer.cm3 import CM3Format, build_document, build_sequence, sequence_documents
 from tokenizer.text import mask_token
 from tokenizer.vocab import SPECIAL_NAMES, JointVocab
 from tokenizer.shards import write_bytes_atomic
-from tokenizer.vq.model import VQModel, load_vq
 from trainer.kv_cache import CachedLM
-from trainer.model import CM3LM, load_lm
+from trainer.model import CM3LM
+from trainer.run_models import curated_pixels, load_run_models, url_sha256
 
 log = logging.getLogger(__name__)
 
@@ -225,96 +223,6 @@ def neighbour_documents(tokens_dir: str, keys: Sequence[str], scores: Sequence[f
     return out
 
 
-# a run's models --------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class RunModels:
-    """What sampling needs from a run's output folder, loaded and checked against each other."""
-
-    lm: CM3LM
-    lm_url: str
-    lm_sha256: str
-    vocab: JointVocab
-    vq: VQModel
-    vq_url: str
-    vq_sha256: str
-    resolution: int  # curated image side, px
-    grid: int  # codes per side: resolution // VQ downsampling factor
-    jpeg_quality: int
-
-
-def _sha256(url: str) -> str:
-    digest = hashlib.sha256()
-    with fsspec.open(url, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def curated_decode_settings(run_out: str) -> tuple[int, int]:
-    """(resolution, jpeg quality) of the run's curated images: `decode` in `OUT/run.json`, else
-    the size of the first image in `OUT/curated` (quality 95, the pipeline's default)."""
-    root = run_out.rstrip("/")
-    fs, path = fsspec.core.url_to_fs(f"{root}/run.json")
-    if fs.exists(path):
-        with fs.open(path, "r") as handle:
-            decode = json.load(handle).get("config", {}).get("decode", {})
-        if "resolution" in decode:
-            return int(decode["resolution"]), int(decode.get("jpeg_quality", 95))
-    from tokenizer.shards import iter_shard, list_shards
-
-    for url in list_shards(f"{root}/curated"):
-        for sample in iter_shard(url):
-            width, height = sample.image().size
-            if width != height:
-                raise ValueError(f"curated image {sample.key} is {width}x{height}, not square")
-            return width, 95
-    raise FileNotFoundError(f"{root}: neither run.json (decode.resolution) nor curated images to read the image size from")
-
-
-def load_run_models(run_out: str, lm: str | None = None, device: str | torch.device = "cpu") -> RunModels:
-    """The LM (`lm`, default `OUT/models/lm`), the vocabulary (`OUT/models/vocab.json` + BPE),
-    the VQ (`OUT/models/vq/vq.safetensors`) and the image grid of a run."""
-    root = run_out.rstrip("/")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    lm_dir = (lm or f"{root}/models/lm").rstrip("/")
-    lm_url = lm_dir if lm_dir.endswith(".safetensors") else f"{lm_dir}/lm.safetensors"
-    fs, path = fsspec.core.url_to_fs(lm_url)
-    if not fs.exists(path):
-        raise FileNotFoundError(f"no LM checkpoint at {lm_url}: train one with `curate train-lm` or pass --lm")
-    vocab = JointVocab.load(f"{root}/models/vocab.json")
-    model = load_lm(lm_url, device)
-    if model.cfg.vocab_size != vocab.size:
-        raise ValueError(f"{lm_url} has {model.cfg.vocab_size} ids, {root}/models/vocab.json {vocab.size}")
-    vq_url = f"{root}/models/vq/vq.safetensors"
-    vq = load_vq(vq_url, device)
-    if vq.cfg.codebook_size != vocab.num_image_codes:
-        raise ValueError(f"{vq_url} has {vq.cfg.codebook_size} codes, the vocabulary {vocab.num_image_codes}")
-    resolution, quality = curated_decode_settings(root)
-    factor = vq.cfg.downsample_factor
-    if resolution % factor:
-        raise ValueError(f"curated resolution {resolution} is not a multiple of the VQ's factor {factor}")
-    return RunModels(model, lm_url, _sha256(lm_url), vocab, vq, vq_url, _sha256(vq_url), resolution, resolution // factor,
-                     quality)
-
-
-def curated_pixels(image_path: str, resolution: int, jpeg_quality: int = 95) -> np.ndarray:
-    """uint8 [resolution, resolution, 3] as the curated store would hold the image: EXIF
-    orientation applied, shorter-side resize + centre crop in one bicubic resample (as
-    `pipeline/stages/decode.py` does), then the store's JPEG round trip."""
-    with fsspec.open(image_path, "rb") as handle:
-        img = Image.open(io.BytesIO(handle.read()))
-        img.load()
-    img = ImageOps.exif_transpose(img).convert("RGB")
-    side = min(img.size)
-    left, top = (img.width - side) / 2, (img.height - side) / 2
-    img = img.resize((resolution, resolution), Image.Resampling.BICUBIC, box=(left, top, left + side, top + side),
-                     reducing_gap=3.0)
-    buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=jpeg_quality)
-    return np.array(Image.open(buf).convert("RGB"), dtype=np.uint8)
-
-
 # writing samples -------------------------------------------------------------------------------
 def _png(pixels: np.ndarray) -> bytes:
     buf = io.BytesIO()
@@ -397,7 +305,7 @@ def _write_samples(run_out: str, caption: str | None, image_path: str | None, cf
         ids = sample_caption_ids(models.lm, vocab, prompt, cfg)
         text = vocab.ids_to_text(ids)
         seconds = time.monotonic() - started
-        image_sha = _sha256(image_path)
+        image_sha = url_sha256(image_path)
         stem = _stem("image-to-caption", {"image_sha256": image_sha, "settings": cfg.to_dict(), "lm": models.lm_sha256})
         write_bytes_atomic(f"{out_dir}/{stem}.txt", (text + "\n").encode())
         record = {**common, "kind": "image_to_caption", "image": image_path, "image_sha256": image_sha,

@@ -22,12 +22,12 @@ from tokenizer.vq.config import VQConfig
 from tokenizer.vq.model import VQModel, save_vq
 from trainer.kv_cache import CachedLM
 from trainer.model import CM3LM, LMConfig, save_lm
+from trainer.run_models import curated_decode_settings
 from trainer.sample import (
     SampleConfig,
     caption_candidates,
     caption_prompt,
     caption_to_image,
-    curated_decode_settings,
     draw,
     image_prompt,
     image_to_caption,
