@@ -147,7 +147,7 @@ def _source_bytes(uri: str | None, manifest_uri: str) -> bytes | None:
     """A rejected duplicate is not in the store: read its source, but only from a local path (a
     report never goes to the network or uses credentials). It passed the fetch stage's root
     check, so the path is one the run was allowed to read."""
-    from pipeline.stages.fetch import resolve_uri
+    from pipeline.fetch_urls import resolve_uri
 
     uri = resolve_uri(uri, manifest_uri) if uri else None
     if not uri or ("://" in uri and not uri.startswith("file://")):

@@ -10,9 +10,11 @@ from fsspec.implementations.memory import MemoryFileSystem
 
 from manifests.schema import parse_entry
 from pipeline.config import FetchConfig
+from pipeline.fetch_client import read_bytes
+from pipeline.fetch_urls import is_allowed, resolve_uri
 from pipeline.records import Asset, RejectReason
 from pipeline.stages.base import Reject
-from pipeline.stages.fetch import FetchImages, is_allowed, read_bytes, resolve_uri
+from pipeline.stages.fetch import FetchImages
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -104,7 +106,7 @@ def test_reads_never_allocate_the_cap(tmp_path, monkeypatch):
     fragmented the workers' heaps. Reads ask for the object's size, or 1 MiB chunks."""
     import io
 
-    from pipeline.stages import fetch
+    from pipeline import fetch_client
 
     asked: list[int] = []
 
@@ -114,14 +116,14 @@ def test_reads_never_allocate_the_cap(tmp_path, monkeypatch):
             return super().read(n)
 
     payload = b"x" * 3_000_000
-    assert fetch._read_capped(Recording(payload), 64 << 20) == payload  # no size known: chunks
-    assert max(asked) <= fetch._CHUNK
+    assert fetch_client._read_capped(Recording(payload), 64 << 20) == payload  # no size known: chunks
+    assert max(asked) <= fetch_client._CHUNK
     asked.clear()
-    assert len(fetch._read_capped(Recording(payload), 2_500_000)) == 2_500_001  # over the cap
-    assert max(asked) <= fetch._CHUNK
+    assert len(fetch_client._read_capped(Recording(payload), 2_500_000)) == 2_500_001  # over the cap
+    assert max(asked) <= fetch_client._CHUNK
     (tmp_path / "a.bin").write_bytes(payload)
     with open(tmp_path / "a.bin", "rb") as handle:  # size known from the file
-        assert fetch._read_capped(handle, 64 << 20) == payload
+        assert fetch_client._read_capped(handle, 64 << 20) == payload
     # oversized objects on a remote filesystem are refused too
     fs = MemoryFileSystem()
     fs.pipe("/cap/big.bin", b"0" * 100)
