@@ -13,7 +13,7 @@ others are not (docs/dedup.md).
   and rank first, so a re-delivered copy of an asset already curated (or taken down) cannot
   come back under another name. Previous assets are never judged again.
 
-The prepare step (pipeline/stages/prepare.py, `Decide`) applies the exact and near rules to
+The prepare step (`Decide`, pipeline/stages/decide.py) applies the exact and near rules to
 the compact columns of a whole delivery; the align step applies the semantic rule
 (pipeline/stages/dedup.py, `DedupSemantic`).
 """

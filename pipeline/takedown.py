@@ -165,7 +165,7 @@ def _entry_counts(rows: Sequence[dict[str, Any]], field: str) -> dict[str, int]:
 
 def _rewrite_tokens(out: str, cfg, keys: frozenset[str], asset_ids: frozenset[str]) -> dict[str, Any]:
     """Rebuild the token shards that hold a taken-down asset, with the tokens step's builder."""
-    from pipeline.stages.tokens import (NEIGHBOUR_HISTOGRAM, _Vocab, build_sequences, make_document, read_codes,
+    from pipeline.stages.tokens import (NEIGHBOUR_HISTOGRAM, SharedVocab, build_sequences, make_document, read_codes,
                                         write_token_shard)
 
     folder = storage.join(out, "tokens")
@@ -192,7 +192,7 @@ def _rewrite_tokens(out: str, cfg, keys: frozenset[str], asset_ids: frozenset[st
         meta.update({row["key"]: row for row in table.to_pylist() if row["key"] in wanted})
     codes = {key: c for url in storage.list_files(storage.join(out, "codes"), "codes-*.parquet")
              for key, c in read_codes(url) if key in wanted}
-    vocab = _Vocab(storage.join(folder, "vocab.json")).load()
+    vocab = SharedVocab(storage.join(folder, "vocab.json")).load()
     docs = {key: make_document(vocab, meta[key], codes[key], cfg.seed) for key in wanted if key in meta and key in codes}
     entries = {e["shard"]: e for e in index["shards"]}
     for shard in sorted(affected):
@@ -226,7 +226,8 @@ def _remove_shard(folder: str, shard: int) -> None:
 
 def _drop_from_sft(out: str, asset_ids: frozenset[str]) -> dict[str, Any]:
     """SFT examples have no neighbours: drop the assets' examples, copy every other one's tokens."""
-    from pipeline.stages.tokens import SFT_HISTOGRAMS, write_token_shard
+    from pipeline.stages.sft import SFT_HISTOGRAMS
+    from pipeline.stages.tokens import write_token_shard
 
     folder = storage.join(out, "sft")
     if not storage.exists(storage.join(folder, "index.json")):

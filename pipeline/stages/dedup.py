@@ -3,7 +3,7 @@ step, `HashImage`) and semantic dedup over CLIP embeddings (a composite of the a
 
 The decisions themselves (which asset of a group is kept, and why the others are not) are
 Beam-free, in pipeline/dedup_rules.py; exact and near dedup are applied to the whole
-delivery by the prepare step's `Decide` (pipeline/stages/prepare.py).
+delivery by the prepare step's `Decide` (pipeline/stages/decide.py).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ class HashImage(StageDoFn):
     full frame before it drops the source bytes, which keeps aspect-changing resizes
     within the radius (the 256 px centre crop does not). With `mirror` on, the hash of the
     mirrored frame comes with it (`Asset.phash_mirror`), from the same input. Only rejections are counted here:
-    `dedup_near/in` and `kept` are counted where the near rule decides (prepare.Decide)."""
+    `dedup_near/in` and `kept` are counted where the near rule decides (decide.Decide)."""
 
     stage = Stage.DEDUP_NEAR
     counts_rows = False

@@ -30,7 +30,7 @@ def build_prepare_graph(p: beam.Pipeline, ctx: RunContext, progress: Progress | 
     the global steps (see pipeline/stages/prepare.py), so memory does not grow with the
     delivery. Semantic dedup needs CLIP embeddings: it runs in the align step.
     """
-    from pipeline.stages import prepare
+    from pipeline.stages import decide, prepare
 
     cfg = ctx.cfg
     work = ctx.path(WORK)
@@ -46,25 +46,25 @@ def build_prepare_graph(p: beam.Pipeline, ctx: RunContext, progress: Progress | 
     plan = (
         summaries
         | "CollectChunks" >> beam.combiners.ToList()
-        | "Decide" >> beam.ParDo(prepare.Decide(cfg.dedup, work, cfg.curated.samples_per_shard,
+        | "Decide" >> beam.ParDo(decide.Decide(cfg.dedup, work, cfg.curated.samples_per_shard,
                                                 taken_down(cfg.out))).with_outputs(
-            prepare.Decide.LEDGER, prepare.Decide.STANDBY, main="shards")
+            decide.Decide.LEDGER, decide.Decide.STANDBY, main="shards")
     )
     for label, members, folder in (("", plan.shards, ctx.path(PREPARED)),
-                                   ("Standby", plan[prepare.Decide.STANDBY], ctx.path(STANDBY))):
+                                   ("Standby", plan[decide.Decide.STANDBY], ctx.path(STANDBY))):
         counter = "standby_written" if label else "samples_written"
         _ = (
             members
             | f"GroupBy{label}Shard" >> beam.GroupByKey()
-            | f"Write{label}Shards" >> beam.ParDo(prepare.WriteShardFromRecords(folder, counter))
+            | f"Write{label}Shards" >> beam.ParDo(decide.WriteShardFromRecords(folder, counter))
             | f"Collect{label}Index" >> beam.combiners.ToList()
             | f"Write{label}Index" >> beam.Map(lambda shards, folder=folder: write_index(folder, shards))
         )
     prepared = ctx.path(PREPARED)
     _ = (
-        plan[prepare.Decide.LEDGER]
+        plan[decide.Decide.LEDGER]
         | "SpreadLedger" >> beam.Reshuffle()
-        | "WriteLedger" >> beam.ParDo(prepare.WriteLedgerPart(work, prepared))
+        | "WriteLedger" >> beam.ParDo(decide.WriteLedgerPart(work, prepared))
     )
 
 

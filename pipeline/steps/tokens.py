@@ -93,7 +93,7 @@ def step_tokens(ctx: RunContext):
 
 
 def build_sft_graph(p: beam.Pipeline, ctx: RunContext, num_shards: int, dtype: str, extra: dict[str, Any]) -> None:
-    from pipeline.stages.tokens import WriteSftShards
+    from pipeline.stages.sft import WriteSftShards
 
     inputs = _read_documents(p, ctx, DOCUMENT_COLUMNS + ["source_width", "source_height", "extra_json"])
     inputs["ledger"] = p | "ReadLedger" >> beam.io.ReadFromParquet(

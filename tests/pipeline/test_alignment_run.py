@@ -13,7 +13,7 @@ from PIL import Image
 
 from manifests.shapes import shapes_corpus, swap_captions, write_shapes_corpus
 from pipeline import ledger
-from pipeline.cli import format_report
+from pipeline.summary import format_report
 from pipeline.config import RunConfig, from_dict
 from pipeline.run import run
 

@@ -22,7 +22,8 @@ from pipeline.records import Asset
 from pipeline.run import run
 from pipeline.stages.decode import curated_box, decode_image
 from pipeline.stages.store import asset_from_sample, extra_json, sample_json
-from pipeline.stages.tokens import _unit, document_objects, sft_factors
+from pipeline.stages.sft import document_objects, sft_factors
+from pipeline.stages.tokens import unit_draw
 from tokenizer import sft as sft_format
 from tokenizer.token_shards import load_tokens_index, parse_index
 from tokenizer.vocab import JointVocab
@@ -319,7 +320,7 @@ def test_tasks_are_balanced_by_the_seeded_rule(sft_run):
     assert index["task_factors"] == {t: round(f, 6) for t, f in factors.items()}
     served = {"captioning": set(key_of) - {special["long"]}, "generation": set(key_of) - {special["long"]},
               "grounded_generation": {special["hostile"], special["inside"], special["two"]}}
-    expected = {task: sum(sft_format.copies(factors[task], _unit(cfg.seed, f"sft:{task}", key_of[a])) for a in assets)
+    expected = {task: sum(sft_format.copies(factors[task], unit_draw(cfg.seed, f"sft:{task}", key_of[a])) for a in assets)
                 for task, assets in served.items()}
     counts = {t: sum(r["task"] == t for r in rows) for t in sft_format.TASKS}
     assert counts == expected == index["sequences_per_task"]

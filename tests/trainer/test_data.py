@@ -467,7 +467,7 @@ def test_shards_without_answer_start_keep_the_usual_loss_mask(token_shards, sft_
 
 
 def test_sft_copies_of_a_document_share_its_side_of_the_split():
-    from pipeline.stages.tokens import sft_key
+    from pipeline.stages.sft import sft_key
     from tokenizer.shards import is_heldout
     from trainer.dataset import document_key
 
