@@ -35,6 +35,7 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageFont
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from manifests.copies import watermark  # noqa: E402
 from pipeline import dedup_rules  # noqa: E402
 from pipeline.config import DecodeConfig  # noqa: E402
 from pipeline.dedup_hash import hamming, hex_to_hash, image_hash_from_bytes  # noqa: E402
@@ -56,18 +57,6 @@ def _crop(img: Image.Image, frac: float) -> Image.Image:
     w, h = img.size
     dx, dy = int(w * frac), int(h * frac)
     return img.crop((dx, dy, w - dx, h - dy))
-
-
-def _watermark(img: Image.Image) -> Image.Image:
-    """Semi-transparent tiled text, the way stock previews are marked."""
-    base = img.convert("RGBA")
-    layer = Image.new("RGBA", base.size, (0, 0, 0, 0))
-    draw = ImageDraw.Draw(layer)
-    size = max(12, base.size[0] // 12)
-    font = ImageFont.load_default(size=size)
-    for y in range(0, base.size[1], size * 3):
-        draw.text((size // 2, y), "(c) STOCKPHOTO", font=font, fill=(255, 255, 255, 110))
-    return Image.alpha_composite(base, layer).convert("RGB")
 
 
 def _caption_bar(img: Image.Image) -> Image.Image:
@@ -95,7 +84,7 @@ TRANSFORMS: dict[str, Callable[[Image.Image], bytes]] = {
     "crop_10pct": lambda im: _encode(_crop(im, 0.10), quality=90),
     "brightness_+30pct": lambda im: _encode(ImageEnhance.Brightness(im).enhance(1.3), quality=90),
     "contrast_+30pct": lambda im: _encode(ImageEnhance.Contrast(im).enhance(1.3), quality=90),
-    "watermark_text": lambda im: _encode(_watermark(im), quality=90),
+    "watermark_text": lambda im: _encode(watermark(im), quality=90),
     "caption_bar": lambda im: _encode(_caption_bar(im), quality=90),
     "hflip": lambda im: _encode(im.transpose(Image.FLIP_LEFT_RIGHT), quality=90),
     "rotate_90": lambda im: _encode(im.transpose(Image.ROTATE_90), quality=90),

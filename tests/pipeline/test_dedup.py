@@ -17,8 +17,9 @@ import pytest
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
+from manifests.copies import watermark
 from manifests.schema import ManifestEntry
 from pipeline import dedup_hash, dedup_rules, ledger
 from pipeline.config import DecodeConfig, DedupConfig, RunConfig, from_dict
@@ -70,16 +71,6 @@ def _small_copy(img: Image.Image) -> bytes:
     return _encode(img.resize((img.width // 2, img.height // 2), Image.LANCZOS), quality=30)
 
 
-def _watermark(img: Image.Image) -> Image.Image:
-    base = img.convert("RGBA")
-    layer = Image.new("RGBA", base.size, (0, 0, 0, 0))
-    draw = ImageDraw.Draw(layer)
-    size = max(12, base.size[0] // 12)
-    for y in range(0, base.size[1], size * 3):
-        draw.text((size // 2, y), "(c) STOCKPHOTO", font=ImageFont.load_default(size=size), fill=(255, 255, 255, 110))
-    return Image.alpha_composite(base, layer).convert("RGB")
-
-
 @pytest.fixture(scope="module")
 def corpus() -> dict[str, Asset]:
     """Six distinct real photos and the copies a stock delivery makes of them."""
@@ -95,7 +86,7 @@ def corpus() -> dict[str, Asset]:
         # half size, heavy recompression: near duplicate of a3 (a3 has the larger resolution)
         "small-a3": make_asset("small-a3", _small_copy(p["a3"]), row=12),
         # watermarked, same size: near duplicate of a4, which wins on asset_id
-        "wm-a4": make_asset("wm-a4", _encode(_watermark(p["a4"]), quality=85), row=13),
+        "wm-a4": make_asset("wm-a4", _encode(watermark(p["a4"]), quality=85), row=13),
         # mirrored: caught through the mirror hash (dedup.mirror), not by pHash alone
         "flip-a5": make_asset("flip-a5", _encode(p["a5"].transpose(Image.FLIP_LEFT_RIGHT), quality=90), row=14),
     }
@@ -361,7 +352,7 @@ def test_exact_and_near_dedup_in_a_run_and_against_the_previous_run(tmp_path) ->
         "again-p1": photos["p1"],  # the same bytes under a new id
         "small-p3": _small_copy(_photo(3)),  # recompressed, half size
         "b7": COCO[77].read_bytes(), "png-b7": _encode(b7, "PNG"),  # the same pixels, other bytes
-        "b8": COCO[88].read_bytes(), "wm-b8": _encode(_watermark(b8), quality=85),
+        "b8": COCO[88].read_bytes(), "wm-b8": _encode(watermark(b8), quality=85),
         "flip-p5": _encode(_photo(5).transpose(Image.FLIP_LEFT_RIGHT), quality=90),  # vs the previous run
         "flip-b8": _encode(b8.transpose(Image.FLIP_LEFT_RIGHT), quality=90),  # vs this delivery
     }

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw, ImageEnhance, ImageFont
+from PIL import Image, ImageEnhance
 
+from manifests.copies import watermark
 from pipeline import dedup_cluster, dedup_hash, dedup_plan, dedup_search, dedup_semantic
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -239,17 +240,6 @@ def _crop(img: Image.Image, frac: float) -> Image.Image:
     return img.crop((int(w * frac), int(h * frac), w - int(w * frac), h - int(h * frac)))
 
 
-def _watermark(img: Image.Image) -> Image.Image:
-    base = img.convert("RGBA")
-    layer = Image.new("RGBA", base.size, (0, 0, 0, 0))
-    draw = ImageDraw.Draw(layer)
-    size = max(12, base.size[0] // 12)
-    font = ImageFont.load_default(size=size)
-    for y in range(0, base.size[1], size * 3):
-        draw.text((size // 2, y), "(c) STOCKPHOTO", font=font, fill=(255, 255, 255, 110))
-    return Image.alpha_composite(base, layer).convert("RGB")
-
-
 CAUGHT = {  # transform -> minimum recall at radius 8 (measured: docs/dedup.md)
     "resize_50": (lambda im: _jpeg(im.resize((im.width // 2, im.height // 2), Image.LANCZOS), quality=90), 1.0),
     "resize_aspect": (lambda im: _jpeg(im.resize((300, 300), Image.LANCZOS), quality=90), 1.0),
@@ -258,7 +248,7 @@ CAUGHT = {  # transform -> minimum recall at radius 8 (measured: docs/dedup.md)
     "webp_q50": (lambda im: _fmt(im, "WEBP", quality=50), 1.0),
     "grayscale": (lambda im: _jpeg(im.convert("L"), quality=90), 1.0),
     "contrast_+30pct": (lambda im: _jpeg(ImageEnhance.Contrast(im).enhance(1.3), quality=90), 1.0),
-    "watermark_text": (lambda im: _jpeg(_watermark(im), quality=90), 1.0),
+    "watermark_text": (lambda im: _jpeg(watermark(im), quality=90), 1.0),
     "brightness_+30pct": (lambda im: _jpeg(ImageEnhance.Brightness(im).enhance(1.3), quality=90), 0.9),
     "crop_2pct": (lambda im: _jpeg(_crop(im, 0.02), quality=90), 0.9),
 }
