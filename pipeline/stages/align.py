@@ -100,16 +100,20 @@ class _ScoreBatch(beam.DoFn):
         self.counters.rejected(reason)
         return beam.pvalue.TaggedOutput(REJECTED, asset.reject(SCORE_STAGE, reason, detail[:2000]))
 
-    def _scores(self, embedder: ClipEmbedder, group: list[tuple[Asset, Any]], image_embs: np.ndarray | None = None,
-                caption_embs: list[np.ndarray] | None = None) -> tuple[list[float | None], list[float]]:
+    @staticmethod
+    def _embed(embedder: ClipEmbedder, group: list[tuple[Asset, Any]]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Image embeddings of a group and, per asset, its captions' embeddings."""
+        image_embs = embedder.embed_pixels([px for _, px in group])
+        flat = embedder.embed_texts([c for asset, _ in group for c in asset.captions])
+        caption_embs, offset = [], 0
+        for asset, _ in group:
+            caption_embs.append(flat[offset:offset + len(asset.captions)])
+            offset += len(asset.captions)
+        return image_embs, caption_embs
+
+    def _scores(self, image_embs: np.ndarray, caption_embs: list[np.ndarray], group: list[tuple[Asset, Any]]
+                ) -> tuple[list[float | None], list[float]]:
         """Matched scores of a group (one fold) and its mismatched scores (captions of other rows)."""
-        if image_embs is None:
-            image_embs = embedder.embed_pixels([px for _, px in group])
-            flat = embedder.embed_texts([c for asset, _ in group for c in asset.captions])
-            caption_embs, offset = [], 0
-            for asset, _ in group:
-                caption_embs.append(flat[offset:offset + len(asset.captions)])
-                offset += len(asset.captions)
         reduce = self.cfg.reduce
         matched = [reduce_scores(caption_scores(img, embs), reduce) if len(embs) else None
                    for img, embs in zip(image_embs, caption_embs)]
@@ -133,12 +137,7 @@ class _ScoreBatch(beam.DoFn):
         if not ready:
             return
         try:
-            image_embs = self.embedder.embed_pixels([px for _, px in ready])
-            flat = self.embedder.embed_texts([c for asset, _ in ready for c in asset.captions])
-            caption_embs, offset = [], 0
-            for asset, _ in ready:
-                caption_embs.append(flat[offset:offset + len(asset.captions)])
-                offset += len(asset.captions)
+            image_embs, caption_embs = self._embed(self.embedder, ready)
             scores: dict[str, float | None] = {}
             mismatched: list[float] = []
             if self.scorers:  # out of fold: each fold's rows by the model that never saw them
@@ -146,11 +145,11 @@ class _ScoreBatch(beam.DoFn):
                 for item in ready:
                     folds.setdefault(fold_of(fold_key(item[0]), len(self.scorers)), []).append(item)
                 for k, group in sorted(folds.items()):
-                    matched, mis = self._scores(self.scorers[k], group)
+                    matched, mis = self._scores(*self._embed(self.scorers[k], group), group)
                     scores.update((asset.asset_id, s) for (asset, _), s in zip(group, matched))
                     mismatched += mis
             else:
-                matched, mismatched = self._scores(self.embedder, ready, image_embs, caption_embs)
+                matched, mismatched = self._scores(image_embs, caption_embs, ready)
                 scores = {asset.asset_id: s for (asset, _), s in zip(ready, matched)}
         except Exception as exc:  # noqa: BLE001
             log.warning("%s: batch of %d failed: %s", SCORE_STAGE, len(ready), exc)

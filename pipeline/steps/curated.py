@@ -145,14 +145,10 @@ def fold_weights(ctx: RunContext) -> tuple[str, ...]:
 
 def _earlier_rejections(prepared_ledger_dir: str):
     """The prepare step's ledger rows that are already final (rejected)."""
-    import pyarrow.parquet as pq
-    import fsspec
-
     for url in storage.list_files(prepared_ledger_dir, "ledger-*.parquet"):
-        with fsspec.open(url, "rb") as handle:
-            for row in pq.read_table(handle, schema=ledger.LEDGER_SCHEMA).to_pylist():
-                if row["status"] == "rejected":
-                    yield row
+        for row in storage.read_table(url).cast(ledger.LEDGER_SCHEMA).to_pylist():
+            if row["status"] == "rejected":
+                yield row
 
 
 def standby_rows(ctx: RunContext) -> dict[str, tuple[str, str, str]]:
